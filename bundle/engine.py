@@ -1,0 +1,271 @@
+"""Batch inference runner used by ``configs/inference.json``.
+
+It walks the input folder (or a datalist), runs the preprocessing chain, the inferer and the
+optional refinement on each case, writes the output contract of ``docs/architecture.md``
+atomically and keeps going when one case fails; every failure lands in ``summary.csv`` and
+the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["MammogramInference", "ensure_demo_data", "load_checkpoint"]
+
+logger = logging.getLogger("mcref.inference")
+
+
+def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load weights into ``network`` with a clear error when the file is missing or does not fit.
+
+    Accepts a plain state dict or a MONAI ``CheckpointSaver`` file holding ``{"network": ...}``.
+
+    Args:
+        network: the module to fill.
+        path: checkpoint file.
+        device: where to map the tensors.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: checkpoint not found; train it with the train config or pass --ckpt_path")
+    state = torch.load(p, map_location=device, weights_only=True)
+    if isinstance(state, Mapping) and "network" in state and isinstance(state["network"], Mapping):
+        state = state["network"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"{p}: weights do not fit the network in the config: {e}") from e
+    return network.to(device).eval()
+
+
+def ensure_demo_data(folder: str | os.PathLike, n_cases: int = 3, seed: int = 2024, shape: Sequence[int] = (1280, 1024)) -> str:
+    """Write a handful of seeded demo phantom DICOMs (with labels) into ``folder`` unless present.
+
+    Args:
+        folder: destination folder.
+        n_cases: number of phantom cases.
+        seed: random seed of the phantom generator.
+        shape: (rows, columns) of each phantom.
+
+    Returns:
+        The folder path as a string.
+    """
+    from bundle.phantom import make_dataset
+
+    folder = Path(folder)
+    if not (folder / "datalist.json").exists():
+        logger.info("no dataset_dir given: writing %d demo phantom cases to %s", n_cases, folder)
+        make_dataset(folder, n_cases=n_cases, seed=seed, shape=tuple(shape), splits=(0, 0, n_cases), progress=False)
+    return str(folder)
+
+
+class MammogramInference:
+    """Run SegAI (and optionally a refinement) on every image of a folder, case by case.
+
+    Args:
+        dataset_dir: folder of mammograms (DICOM, PNG/TIFF, NIfTI, MHA); label files named
+            ``*_label.*`` and ``datalist.json`` are ignored. Empty or None: demo phantoms are
+            written to ``demo_dir`` and used.
+        output_dir: where ``<stem>/<stem>_*.nii.gz`` and ``summary.csv`` go.
+        preprocessing: callable taking ``{"image": path}`` and returning the dict with
+            ``image`` (1, H, W) and ``breast`` (1, H, W) on the working grid.
+        inferer: :class:`bundle.inferers.BreastTileInferer`-like callable.
+        network: SegAI network (already holding weights, see :func:`load_checkpoint`).
+        postprocessing: callable restoring keys ``prob``/``mask`` (and refined ones) to the
+            source grid, e.g. ``bundle.data.RestoreGeometryd``.
+        threshold: probability threshold of the SegAI mask.
+        refiner: optional callable ``(image (H,W), prob (H,W), breast (H,W)) -> dict`` with
+            ``prob`` and optionally ``virtual_normal``; its outputs are written with the
+            ``refined_`` prefix.
+        refined_threshold: threshold of the refined mask.
+        device: torch device for the network.
+        demo_dir: where demo phantoms go when no dataset is given.
+        save_overlay: write ``<stem>_overlay.png``.
+        progress: show a progress bar over cases.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | None,
+        output_dir: str,
+        preprocessing: Callable[[dict], dict],
+        inferer: Callable[..., torch.Tensor],
+        network: torch.nn.Module,
+        postprocessing: Callable[[dict], dict] | None = None,
+        threshold: float = 0.5,
+        refiner: Callable[..., dict] | None = None,
+        refined_threshold: float = 0.5,
+        device: str | torch.device = "cpu",
+        demo_dir: str | None = None,
+        save_overlay: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.dataset_dir = dataset_dir or None
+        self.output_dir = Path(output_dir)
+        self.preprocessing = preprocessing
+        self.inferer = inferer
+        self.network = network
+        self.postprocessing = postprocessing
+        self.threshold = float(threshold)
+        self.refiner = refiner
+        self.refined_threshold = float(refined_threshold)
+        self.device = torch.device(device)
+        self.demo_dir = demo_dir or str(self.output_dir / "demo_inputs")
+        self.save_overlay = save_overlay
+        self.progress = progress
+        self.rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ inputs
+    def input_files(self) -> list[Path]:
+        """The files this run will process (demo phantoms when no dataset is given)."""
+        folder = Path(self.dataset_dir) if self.dataset_dir else Path(ensure_demo_data(self.demo_dir))
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: dataset_dir is not a folder")
+        skip_suffixes = (".json", ".csv", ".txt", ".md", ".xml", ".log")
+        files = []
+        for p in sorted(folder.iterdir()):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if p.name.lower().endswith(skip_suffixes) or "_label." in p.name:
+                continue
+            files.append(p)
+        return files
+
+    # ------------------------------------------------------------------ one case
+    @torch.no_grad()
+    def predict(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Run preprocessing, SegAI, refinement and postprocessing on one file.
+
+        Args:
+            path: input image file.
+
+        Returns:
+            The data dict with ``prob``/``mask`` (and ``refined_*``, ``virtual_normal``) on the
+            source grid as (1, H, W) tensors.
+        """
+        d = self.preprocessing({"image": str(path)})
+        image = d["image"]
+        breast = d.get("breast")
+        x = image[None].to(self.device)
+        bm = breast[None].to(self.device) if breast is not None else None
+        self.network.eval()
+        prob = self.inferer(x, self.network, breast=bm)[0].cpu()
+        d["prob"] = _like(image, prob)
+        d["mask"] = _like(image, (prob >= self.threshold).to(torch.float32))
+        keys = ["prob", "mask"]
+        if self.refiner is not None:
+            img2 = torch.as_tensor(np.asarray(image[0].cpu()))
+            b2 = None if breast is None else np.asarray(breast[0].cpu()) > 0
+            out = self.refiner(img2.numpy(), prob[0].numpy(), b2)
+            rp = torch.as_tensor(np.asarray(out["prob"], dtype=np.float32))[None]
+            d["refined_prob"] = _like(image, rp)
+            d["refined_mask"] = _like(image, (rp >= self.refined_threshold).to(torch.float32))
+            keys += ["refined_prob", "refined_mask"]
+            if out.get("virtual_normal") is not None:
+                d["virtual_normal"] = _like(image, torch.as_tensor(np.asarray(out["virtual_normal"], dtype=np.float32))[None])
+                keys.append("virtual_normal")
+        d["image_work"] = image
+        if self.postprocessing is not None:
+            d = self.postprocessing(d)
+        d["_output_keys"] = keys
+        return d
+
+    def write_case(self, stem: str, d: dict[str, Any], source: Path) -> dict[str, Any]:
+        """Write the output files of one case atomically and return its summary row."""
+        from bundle.data import save_nifti_atomic
+        from bundle.reports import overlay_png
+
+        case_dir = self.output_dir / stem
+        case_dir.mkdir(parents=True, exist_ok=True)
+        spacing = tuple(float(s) for s in d["image"].meta.get("spacing", (1.0, 1.0)))
+        row: dict[str, Any] = {}
+        for key in d["_output_keys"]:
+            arr = np.asarray(d[key][0].cpu()) if isinstance(d[key], torch.Tensor) else np.asarray(d[key][0])
+            if key.endswith("mask"):
+                arr = (arr > 0.5).astype(np.uint8)
+                row[f"{key}_pixels"] = int(arr.sum())
+            elif key.endswith("prob"):
+                arr = np.clip(np.nan_to_num(arr), 0.0, 1.0).astype(np.float32)
+            else:
+                arr = arr.astype(np.float32)
+            save_nifti_atomic(arr, case_dir / f"{stem}_{key}.nii.gz", spacing=spacing, protect=[source])
+        if self.save_overlay:
+            img = np.asarray(d["image"][0].cpu(), dtype=np.float32)
+            mask_key = "refined_mask" if "refined_mask" in d["_output_keys"] else "mask"
+            overlay_png(img, np.asarray(d[mask_key][0].cpu()) > 0.5, None, case_dir / f"{stem}_overlay.png")
+        breast = d.get("breast")
+        if breast is not None:
+            b = np.asarray(breast[0].cpu() if isinstance(breast, torch.Tensor) else breast[0]) > 0.5
+            row["breast_pixels"] = int(b.sum())
+            for key in d["_output_keys"]:
+                if key.endswith("mask"):
+                    m = np.asarray(d[key][0].cpu()) > 0.5
+                    row[f"{key[:-4]}activation_rate"] = float((m & b).sum() / max(int(b.sum()), 1))
+        return row
+
+    # ------------------------------------------------------------------ batch
+    def run(self) -> list[dict[str, Any]]:
+        """Process every input; failures are logged and recorded, the batch goes on.
+
+        Returns:
+            One summary row per input (also written to ``output_dir/summary.csv``).
+        """
+        from bundle.data import MammogramError
+        from bundle.reports import write_csv_atomic
+
+        files = self.input_files()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.rows = []
+        iterator: Any = files
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(files, desc="cases", unit="case")
+        for f in iterator:
+            stem = _stem(f)
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"case": stem, "input": str(f)}
+            try:
+                d = self.predict(f)
+                row.update(self.write_case(stem, d, f))
+                row["status"] = "ok"
+                row["error"] = ""
+            except MammogramError as e:
+                row.update(status="failed", error=str(e))
+                logger.error("case %s failed: %s", stem, e)
+            except Exception as e:  # keep the batch alive, but say what broke
+                row.update(status="failed", error=f"{f}: {type(e).__name__}: {e}")
+                logger.exception("case %s failed", stem)
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            self.rows.append(row)
+        write_csv_atomic(self.rows, self.output_dir / "summary.csv")
+        n_fail = sum(r["status"] != "ok" for r in self.rows)
+        logger.info("%d cases, %d failed; summary in %s", len(self.rows), n_fail, self.output_dir / "summary.csv")
+        for r in self.rows:
+            if r["status"] != "ok":
+                logger.warning("FAILED %s: %s", r["case"], r["error"])
+        return self.rows
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".tiff", ".tif", ".mha", ".mhd"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _like(ref: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Wrap ``data`` as a MetaTensor carrying ``ref``'s meta data (geometry for restoring)."""
+    from monai.data import MetaTensor
+
+    meta = dict(getattr(ref, "meta", {}) or {})
+    return MetaTensor(data, meta=meta)

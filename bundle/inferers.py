@@ -1,0 +1,158 @@
+"""Whole-mammogram inferers: tile-wise SegAI with overlap averaging (seed Eqs. 4-5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+
+__all__ = ["tile_starts", "iter_tiles", "BreastTileInferer"]
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)``.
+
+    The stride is ``round(tile * (1 - overlap))``; the last tile is shifted inward so that it
+    ends exactly at ``length`` (no padding inside the image). When ``length <= tile`` a single
+    tile at 0 is returned (the caller pads).
+
+    Args:
+        length: image extent along one axis.
+        tile: tile extent along that axis.
+        overlap: fraction of overlap between neighbouring tiles, in [0, 1).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if length <= tile:
+        return [0]
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def iter_tiles(shape: Sequence[int], tile: Sequence[int], overlap: float) -> Iterator[tuple[slice, slice]]:
+    """Yield ``(row_slice, col_slice)`` for every tile of a 2-D grid (see :func:`tile_starts`).
+
+    Args:
+        shape: (H, W) of the (padded) image.
+        tile: (th, tw) tile size.
+        overlap: fractional overlap between neighbouring tiles.
+    """
+    for r in tile_starts(shape[0], tile[0], overlap):
+        for c in tile_starts(shape[1], tile[1], overlap):
+            yield slice(r, r + tile[0]), slice(c, c + tile[1])
+
+
+class BreastTileInferer(Inferer):
+    """SegAI inference on a whole mammogram, tile by tile, averaged over overlaps.
+
+    Tiles of ``roi_size`` are laid on a regular grid with the given overlap; tiles that hold
+    fewer than ``min_breast_fraction`` breast pixels (at least one) are skipped, which saves
+    most of the background. Each tile's sigmoid map is added to a sum image and a count image;
+    the result is ``sum / count`` (the seed's Eqs. 4-5), 0 where no tile ran, and multiplied by
+    the breast mask when one is given.
+
+    Args:
+        roi_size: tile size (H, W) or an int for square tiles.
+        overlap: fractional overlap between neighbouring tiles, in [0, 1).
+        sw_batch_size: tiles per network call.
+        min_breast_fraction: a tile runs when its breast fraction is above this value.
+        sigmoid: apply a sigmoid to the network output (the network returns logits).
+        mask_output: multiply the result by the breast mask when one is given.
+        progress: show a progress bar over tiles.
+    """
+
+    def __init__(
+        self,
+        roi_size: int | Sequence[int] = 512,
+        overlap: float = 0.125,
+        sw_batch_size: int = 4,
+        min_breast_fraction: float = 0.0,
+        sigmoid: bool = True,
+        mask_output: bool = True,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.roi_size = (roi_size, roi_size) if isinstance(roi_size, int) else tuple(int(s) for s in roi_size)
+        self.overlap = float(overlap)
+        self.sw_batch_size = int(sw_batch_size)
+        self.min_breast_fraction = float(min_breast_fraction)
+        self.sigmoid = sigmoid
+        self.mask_output = mask_output
+        self.progress = progress
+        tile_starts(10, 5, self.overlap)  # validates overlap early
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args,
+        breast: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Run ``network`` over the tiles of ``inputs``.
+
+        Args:
+            inputs: (B, C, H, W) normalised images.
+            network: callable mapping (N, C, th, tw) to (N, K, th, tw) logits.
+            args: extra positional arguments passed to ``network``.
+            breast: optional (B, 1, H, W) breast mask; tiles without breast are skipped.
+            kwargs: extra keyword arguments passed to ``network``.
+
+        Returns:
+            (B, K, H, W) float32 map (probabilities when ``sigmoid``).
+        """
+        if inputs.ndim != 4:
+            raise ValueError(f"expected (B, C, H, W) inputs, got shape {tuple(inputs.shape)}")
+        b, _, h, w = inputs.shape
+        th, tw = self.roi_size
+        pad_h, pad_w = max(0, th - h), max(0, tw - w)
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        x = torch.nan_to_num(x.float())
+        bm = None
+        if breast is not None:
+            bm = (breast.as_tensor() if hasattr(breast, "as_tensor") else breast).to(x.device).float()
+            if bm.shape[-2:] != (h, w):
+                raise ValueError(f"breast mask shape {tuple(bm.shape)} does not match image {(h, w)}")
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="constant", value=float(x.min()))
+            if bm is not None:
+                bm = F.pad(bm, (0, pad_w, 0, pad_h))
+        hp, wp = x.shape[-2:]
+        out_sum: torch.Tensor | None = None
+        count = torch.zeros((b, 1, hp, wp), dtype=torch.float32, device=x.device)
+        tiles = []
+        for i in range(b):
+            for rs, cs in iter_tiles((hp, wp), (th, tw), self.overlap):
+                if bm is not None:
+                    frac = float(bm[i, :, rs, cs].mean())
+                    if frac <= self.min_breast_fraction or not bool(bm[i, :, rs, cs].any()):
+                        continue
+                tiles.append((i, rs, cs))
+        iterator = range(0, len(tiles), self.sw_batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="tiles", unit="batch", leave=False)
+        for start in iterator:
+            chunk = tiles[start : start + self.sw_batch_size]
+            batch = torch.stack([x[i, :, rs, cs] for i, rs, cs in chunk])
+            y = network(batch, *args, **kwargs)
+            y = y.as_tensor() if hasattr(y, "as_tensor") else y
+            y = torch.sigmoid(y.float()) if self.sigmoid else y.float()
+            if out_sum is None:
+                out_sum = torch.zeros((b, y.shape[1], hp, wp), dtype=torch.float32, device=x.device)
+            for (i, rs, cs), yt in zip(chunk, y):
+                out_sum[i, :, rs, cs] += yt
+                count[i, :, rs, cs] += 1.0
+        if out_sum is None:  # nothing to run: no breast at all
+            out_sum = torch.zeros((b, 1, hp, wp), dtype=torch.float32, device=x.device)
+        out = out_sum / count.clamp_min(1.0)
+        out = out[..., :h, :w]
+        if bm is not None and self.mask_output:
+            out = out * (bm[..., :h, :w] > 0)
+        return out

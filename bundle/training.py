@@ -1,0 +1,134 @@
+"""Training helpers used by ``configs/train_*.json``: data preparation and patch sampling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = ["prepare_phantom_data", "MakeSamplingMapd", "merge_datalists"]
+
+logger = logging.getLogger("mcref.training")
+
+
+def prepare_phantom_data(
+    dataset_dir: str | os.PathLike,
+    n_cases: int = 48,
+    seed: int = 0,
+    shape: Sequence[int] = (1024, 832),
+    splits: Sequence[int] = (40, 8, 0),
+    with_mcs: bool = True,
+) -> str:
+    """Make a seeded phantom training set in ``dataset_dir`` unless one with this recipe exists.
+
+    The recipe (counts, seed, shape) is stored in ``recipe.json``; a folder holding another
+    recipe is refused rather than silently reused.
+
+    Args:
+        dataset_dir: destination folder.
+        n_cases: total number of phantom cases.
+        seed: generator seed.
+        shape: (rows, columns) of each phantom.
+        splits: number of training, validation and test cases (sums to ``n_cases``).
+        with_mcs: insert microcalcification clusters (False gives calcification-free data).
+
+    Returns:
+        Path of the ``datalist.json``.
+    """
+    from bundle.phantom import make_dataset
+
+    folder = Path(dataset_dir)
+    recipe = {"n_cases": int(n_cases), "seed": int(seed), "shape": [int(s) for s in shape],
+              "splits": [int(s) for s in splits], "with_mcs": bool(with_mcs)}
+    if sum(recipe["splits"]) != recipe["n_cases"]:
+        raise ValueError(f"splits {splits} do not add up to n_cases {n_cases}")
+    rfile = folder / "recipe.json"
+    if (folder / "datalist.json").exists() and rfile.exists():
+        old = json.loads(rfile.read_text())
+        if old == recipe:
+            return str(folder / "datalist.json")
+        raise ValueError(f"{folder}: holds phantom data made with another recipe {old}; use another dataset_dir")
+    logger.info("writing %d phantom cases to %s", n_cases, folder)
+    make_dataset(folder, n_cases=n_cases, seed=seed, shape=tuple(shape), splits=tuple(splits), with_mcs=with_mcs)
+    rfile.write_text(json.dumps(recipe, indent=2))
+    return str(folder / "datalist.json")
+
+
+def merge_datalists(paths: Sequence[str | os.PathLike], key: str = "training") -> list[dict]:
+    """Concatenate one section of several MONAI datalists, making paths absolute.
+
+    Args:
+        paths: datalist JSON files (empty strings are skipped).
+        key: section to read, e.g. ``"training"``.
+    """
+    from monai.data import load_decathlon_datalist
+
+    out: list[dict] = []
+    for p in paths:
+        if not p:
+            continue
+        p = Path(p)
+        try:
+            out.extend(load_decathlon_datalist(str(p), data_list_key=key, base_dir=str(p.parent)))
+        except ValueError:
+            logger.warning("%s has no '%s' section", p, key)
+    return out
+
+
+class MakeSamplingMapd(MapTransform):
+    """Build a 3-class sampling map: 0 background, 1 breast without MC, 2 MC (dilated).
+
+    Used with ``RandCropByLabelClassesd(ratios=[0, 1, k])`` so that patches come only from the
+    breast and MC patches are over-represented k-fold.
+
+    Args:
+        keys: unused placeholder so the transform fits ``MapTransform``; pass the label key.
+        label_key: MC mask key.
+        breast_key: breast mask key.
+        out_key: key of the sampling map.
+        dilation: pixels of dilation around MCs in the sampling map.
+        allow_missing_keys: see ``MapTransform``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        label_key: str = "label",
+        breast_key: str = "breast",
+        out_key: str = "sampling",
+        dilation: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_key, self.breast_key, self.out_key = label_key, breast_key, out_key
+        self.dilation = int(dilation)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        label = torch.as_tensor(d[self.label_key]) > 0.5
+        breast = torch.as_tensor(d[self.breast_key]) > 0.5
+        if self.dilation > 0:
+            k = 2 * self.dilation + 1
+            label = torch.nn.functional.max_pool2d(label.float()[None], k, stride=1, padding=self.dilation)[0] > 0
+        m = breast.to(torch.uint8)
+        m[label] = 2
+        d[self.out_key] = m
+        return d
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    """Number of trainable parameters of ``net``.
+
+    Args:
+        net: a torch module.
+    """
+    return int(sum(p.numel() for p in net.parameters() if p.requires_grad))
+
+
