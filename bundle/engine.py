@@ -269,3 +269,48 @@ def _like(ref: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
 
     meta = dict(getattr(ref, "meta", {}) or {})
     return MetaTensor(data, meta=meta)
+
+
+def invocation_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Rebuild the merged config of the running ``python -m monai.bundle run`` from its arguments.
+
+    The config files named by ``--config_file`` are merged and every other ``--key value`` pair
+    is applied as an override, as ``monai.bundle`` does; the result is what MLflow records as
+    the run's configuration. Returns ``{}`` when no ``--config_file`` is found.
+
+    Args:
+        argv: the argument list; defaults to ``sys.argv``.
+    """
+    import ast
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    args = list(sys.argv if argv is None else argv)
+    pairs: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            key, _, val = a[2:].partition("=")
+            if not _ and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                val = args[i + 1]
+                i += 1
+            try:
+                pairs[key] = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                pairs[key] = val
+        i += 1
+    files = pairs.pop("config_file", None)
+    if not files:
+        return {}
+    files = [files] if isinstance(files, str) else list(files)
+    parser = ConfigParser()
+    parser.read_config(files)
+    for k in ("meta_file", "logging_file", "args_file", "tracking", "run_id", "init_id", "final_id"):
+        pairs.pop(k, None)
+    for k, v in pairs.items():
+        parser[k] = v
+    merged = parser.get()
+    merged["_config_files"] = files
+    return merged

@@ -156,3 +156,72 @@ class BreastTileInferer(Inferer):
         if bm is not None and self.mask_output:
             out = out * (bm[..., :h, :w] > 0)
         return out
+
+
+class GenerativeRefinementInferer(Inferer):
+    """Two-stage inference: SegAI over breast tiles, then a refinement of its map.
+
+    Stage 1 runs ``segai`` (a :class:`BreastTileInferer`) with the given network. Stage 2 calls
+    ``refiner(image, segai_prob, breast)`` per image (see :mod:`bundle.refine`; for
+    SegAI+R:GenAI it binarises the SegAI map, blanks those pixels, lets the inpainter paint a
+    virtual normal image only in the tiles that hold mask pixels, and normalises the
+    difference to the original). A refiner that fails on a case falls back to the SegAI map
+    with a warning, so a batch never stops on one image.
+
+    Args:
+        segai: the stage-1 inferer.
+        refiner: callable ``(image (H, W), segai_prob (H, W), breast (H, W) | None) -> dict``
+            with ``prob`` and optionally ``virtual_normal``; None returns the SegAI map.
+        return_all: return channels ``[refined_prob, segai_prob, virtual_normal]`` instead of
+            the refined map alone.
+    """
+
+    def __init__(self, segai: BreastTileInferer, refiner: Callable[..., dict] | None = None, return_all: bool = False) -> None:
+        super().__init__()
+        self.segai = segai
+        self.refiner = refiner
+        self.return_all = return_all
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        *args,
+        breast: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Run both stages.
+
+        Args:
+            inputs: (B, 1, H, W) normalised images.
+            network: the SegAI network.
+            args: extra positional arguments for the network.
+            breast: optional (B, 1, H, W) breast mask.
+            kwargs: extra keyword arguments for the network.
+
+        Returns:
+            (B, 1, H, W) refined probability, or (B, 3, H, W) when ``return_all``.
+        """
+        import warnings
+
+        import numpy as np
+
+        seg = self.segai(inputs, network, *args, breast=breast, **kwargs)
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        outs = []
+        for i in range(x.shape[0]):
+            img = x[i, 0].detach().float().cpu().numpy()
+            p = seg[i, 0].detach().cpu().numpy()
+            b = None if breast is None else (breast[i, 0].detach().cpu().numpy() > 0)
+            refined, virtual = p, img
+            if self.refiner is not None:
+                try:
+                    out = self.refiner(img, p, b)
+                    refined = np.asarray(out["prob"], dtype=np.float32)
+                    if out.get("virtual_normal") is not None:
+                        virtual = np.asarray(out["virtual_normal"], dtype=np.float32)
+                except Exception as e:  # never stop the batch: fall back to SegAI
+                    warnings.warn(f"refinement failed ({type(e).__name__}: {e}); returning the SegAI map")
+            chans = [refined] + ([p, virtual] if self.return_all else [])
+            outs.append(torch.as_tensor(np.stack(chans).astype(np.float32)))
+        return torch.stack(outs).to(seg.device)

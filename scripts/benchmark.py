@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Benchmark whole-mammogram inference: seconds per image, megapixels per second, peak RSS.
+
+Each method runs in its own subprocess so that peak RSS belongs to that method alone.
+The input is a seeded 3328 x 4084 (columns x rows) phantom at 0.07 mm written as a DICOM.
+
+usage:
+    python scripts/benchmark.py                       # SegAI alone
+    python scripts/benchmark.py --methods segai genai grid
+    python scripts/benchmark.py --rows 2048 --cols 1664 --repeats 2
+
+Methods name config variants: ``segai`` (configs/inference.json with the refiner off),
+``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``grid`` (grid-mask generative
+baseline), ``ttgpr`` (MC-GenRef initializer + TT-GPR) where those configs exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# method -> (config files, overrides)
+METHODS: dict[str, tuple[list[str], dict]] = {
+    "segai": (["configs/inference.json"], {"refiner": None}),
+    "genai": (["configs/inference.json"], {}),
+    "grid": (["configs/inference.json", "configs/refine_grid.json"], {}),
+    "ttgpr": (["configs/inference_mcgenref.json"], {}),
+}
+
+
+def _one(method: str, image: str, repeats: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT))
+    from monai.bundle import ConfigParser
+
+    files, overrides = METHODS[method]
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / f) for f in files])
+    parser["bundle_root"] = str(ROOT)
+    parser["output_dir"] = tempfile.mkdtemp(prefix="mcref_bench_")
+    for k, v in overrides.items():
+        parser[k] = v
+    runner = parser.get_parsed_content("runner")
+    runner.progress = False
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        d = runner.predict(image)
+        times.append(time.perf_counter() - t0)
+    h, w = d["prob"].shape[-2:]
+    best = min(times)
+    return {
+        "method": method,
+        "rows": int(h),
+        "cols": int(w),
+        "seconds_per_image": round(best, 2),
+        "seconds_all": [round(t, 2) for t in times],
+        "megapixels_per_second": round(h * w / 1e6 / best, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        "threads": threads,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["segai"], choices=sorted(METHODS))
+    ap.add_argument("--rows", type=int, default=4084)
+    ap.add_argument("--cols", type=int, default=3328)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", type=str, default="", help="also write the figures to this JSON file")
+    ap.add_argument("--_one", nargs=2, metavar=("METHOD", "IMAGE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._one:
+        print(json.dumps(_one(args._one[0], args._one[1], args.repeats, args.threads)))
+        return 0
+
+    sys.path.insert(0, str(ROOT))
+    from bundle.phantom import make_phantom, write_mg_dicom
+
+    tmp = Path(tempfile.mkdtemp(prefix="mcref_bench_in_"))
+    t0 = time.perf_counter()
+    ph = make_phantom(shape=(args.rows, args.cols), spacing=0.07, view="MLO", laterality="L", seed=args.seed)
+    image = tmp / "bench.dcm"
+    write_mg_dicom(image, ph["image"], spacing=0.07, laterality="L", view="MLO", seed=args.seed)
+    print(f"phantom {args.rows} x {args.cols} made in {time.perf_counter() - t0:.1f} s", flush=True)
+    results = []
+    for m in args.methods:
+        cmd = [sys.executable, __file__, "--_one", m, str(image), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if p.returncode != 0:
+            print(f"{m}: FAILED\n{p.stderr[-2000:]}")
+            continue
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"{m:>6}: {r['seconds_per_image']:7.2f} s/image  {r['megapixels_per_second']:6.3f} Mpx/s  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    base = next((r for r in results if r["method"] == "segai"), None)
+    if base:
+        for r in results:
+            if r is not base:
+                print(f"{r['method']:>6}: {r['seconds_per_image'] / base['seconds_per_image']:.2f} x SegAI alone")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if len(results) == len(args.methods) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Tests of bundle.inpainting: network, training masks, loss, tiled inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bundle.inpainting import (
+    InpaintingLoss,
+    MaskAwareInpainter,
+    MaskAwareSwinBlock,
+    RandInpaintMaskd,
+    inpaint_tiles,
+    random_inpaint_mask,
+    tile_starts,
+)
+
+
+def _tiny_net(seed: int = 0) -> MaskAwareInpainter:
+    torch.manual_seed(seed)
+    return MaskAwareInpainter(embed_dim=16, depths=(1, 1), num_heads=(2, 2), window_size=4, patch_size=4).eval()
+
+
+@pytest.fixture(scope="module")
+def default_net() -> MaskAwareInpainter:
+    torch.manual_seed(0)
+    return MaskAwareInpainter().eval()
+
+
+def test_default_parameter_count(default_net: MaskAwareInpainter) -> None:
+    n = sum(p.numel() for p in default_net.parameters())
+    assert n < 1_000_000
+
+
+def test_shapes_batch_and_padding(default_net: MaskAwareInpainter) -> None:
+    x = torch.rand(2, 1, 64, 64)
+    hole = torch.zeros(2, 1, 64, 64)
+    hole[:, :, 20:40, 10:30] = 1
+    with torch.no_grad():
+        assert default_net(x, hole).shape == (2, 1, 64, 64)
+        assert default_net(torch.cat([x, hole], 1)).shape == (2, 1, 64, 64)  # hole as last channel
+        y = default_net(torch.rand(1, 1, 50, 70), torch.ones(1, 1, 50, 70))  # not a multiple: padded
+    assert y.shape == (1, 1, 50, 70)
+
+
+def test_output_equals_input_outside_hole(default_net: MaskAwareInpainter) -> None:
+    x = torch.rand(1, 1, 64, 64)
+    hole = torch.zeros(1, 1, 64, 64)
+    hole[..., 5:25, 30:60] = 1
+    with torch.no_grad():
+        y = default_net(x, hole)
+    keep = hole == 0
+    assert torch.equal(y[keep], x[keep])
+
+
+def test_hole_pixels_are_never_seen(default_net: MaskAwareInpainter) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 64, 64, generator=gen)
+    hole = torch.zeros(1, 1, 64, 64)
+    hole[..., 16:48, 16:48] = 1
+    x2 = x.clone()
+    x2[hole > 0] = torch.rand(int(hole.sum()), generator=gen) * 10
+    x2[0, 0, 20, 20] = float("nan")
+    with torch.no_grad():
+        y1, y2 = default_net(x, hole), default_net(x2, hole)
+    assert torch.isfinite(y2).all()
+    assert torch.equal(y1, y2)
+
+
+def test_whole_tile_hole_no_nan(default_net: MaskAwareInpainter) -> None:
+    with torch.no_grad():
+        y = default_net(torch.rand(2, 1, 64, 64), torch.ones(2, 1, 64, 64))
+    assert torch.isfinite(y).all()
+
+
+def test_block_fully_invalid_window_is_finite() -> None:
+    torch.manual_seed(0)
+    blk = MaskAwareSwinBlock(8, 2, window_size=4, shift=2)
+    x = torch.randn(1, 8, 8, 8)
+    valid = torch.zeros(1, 8, 8, dtype=torch.bool)
+    valid[0, :2, :2] = True  # only one window has valid tokens; after the shift, several have none
+    y = blk(x, valid)
+    assert torch.isfinite(y).all()
+    assert torch.isfinite(blk(x, torch.zeros_like(valid))).all()
+
+
+def test_block_ignores_invalid_tokens() -> None:
+    torch.manual_seed(0)
+    blk = MaskAwareSwinBlock(8, 2, window_size=4, shift=0).eval()
+    x = torch.randn(1, 4, 4, 8)
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+    valid[0, 2:, :] = False
+    x2 = x.clone()
+    x2[0, 2:, :] += 5.0  # invalid keys change, valid queries must not
+    y1, y2 = blk(x, valid), blk(x2, valid)
+    assert torch.allclose(y1[0, :2], y2[0, :2], atol=1e-5)
+
+
+def test_random_mask_ratio_and_determinism() -> None:
+    for seed in range(6):
+        m = random_inpaint_mask((128, 128), np.random.default_rng(seed), hole_ratio=(0.05, 0.4))
+        assert m.dtype == np.uint8 and m.shape == (128, 128)
+        assert 0.05 <= m.mean() <= 0.4
+    a = random_inpaint_mask((96, 80), np.random.default_rng(7))
+    b = random_inpaint_mask((96, 80), np.random.default_rng(7))
+    assert np.array_equal(a, b)
+    narrow = random_inpaint_mask((64, 64), np.random.default_rng(3), hole_ratio=(0.1, 0.12))
+    assert 0.1 <= narrow.mean() <= 0.12
+
+
+def test_rand_inpaint_maskd() -> None:
+    t = RandInpaintMaskd(keys="image")
+    t.set_random_state(5)
+    d = t({"image": torch.rand(1, 64, 48)})
+    assert d["hole"].shape == (1, 64, 48) and d["hole"].dtype == torch.float32
+    assert 0.05 <= float(d["hole"].mean()) <= 0.4
+    t.set_random_state(5)
+    assert torch.equal(t({"image": torch.rand(1, 64, 48)})["hole"], d["hole"])
+    dn = RandInpaintMaskd(keys="image")({"image": np.zeros((1, 32, 32), np.float32)})
+    assert isinstance(dn["hole"], np.ndarray)
+
+
+def test_loss_terms() -> None:
+    loss = InpaintingLoss()
+    t = torch.rand(1, 1, 16, 16)
+    hole = torch.zeros(1, 1, 16, 16)
+    hole[..., 4:8, 4:8] = 1
+    assert float(loss(t, t, hole)) == 0.0
+    p = t.clone()
+    p[hole > 0] += 1.0  # constant error inside the hole: hole term 1 * 6, valid 0, grad on edges only
+    val = float(loss(p, t, hole))
+    assert val > 6.0
+    assert torch.allclose(loss(p, torch.cat([t, hole], 1)), loss(p, t, hole))
+
+
+def test_loss_decreases_on_smooth_patches() -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    imgs, holes = [], []
+    for _ in range(4):
+        a, b, c = rng.uniform(-1, 1, 3)
+        imgs.append(0.5 + 0.2 * (a * xx + b * yy) + 0.1 * np.sin(2 * np.pi * c * xx))
+        holes.append(random_inpaint_mask((32, 32), rng, (0.1, 0.3)))
+    x = torch.tensor(np.stack(imgs)[:, None], dtype=torch.float32)
+    h = torch.tensor(np.stack(holes)[:, None], dtype=torch.float32)
+    net = _tiny_net().train()
+    loss_fn = InpaintingLoss()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(net(x, h, composite=False), x, h)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
+
+
+class _CountingNet(torch.nn.Module):
+    """Fills holes with a constant and records the tiles it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.tiles = 0
+        self.tile_shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.tiles += x.shape[0]
+        self.tile_shapes.append(tuple(x.shape))
+        assert bool((hole.flatten(1).amax(1) > 0).all()), "a tile without hole pixels reached the network"
+        return torch.where(hole > 0.5, torch.full_like(x, 0.25), x)
+
+
+def test_tile_starts() -> None:
+    assert tile_starts(100, 128, 0.25) == [0]
+    assert tile_starts(128, 128, 0.25) == [0]
+    s = tile_starts(300, 128, 0.25)
+    assert s[0] == 0 and s[-1] == 300 - 128 and all(b - a <= 96 for a, b in zip(s[:-1], s[1:]))
+
+
+def test_inpaint_tiles_only_hole_tiles_and_borders() -> None:
+    img = torch.rand(300, 260)
+    hole = torch.zeros(300, 260, dtype=torch.bool)
+    hole[290:300, 250:260] = True  # bottom-right corner: only the inward-shifted border tile
+    net = _CountingNet()
+    out = inpaint_tiles(net, img, hole, tile=128, overlap=0.25, batch_size=8)
+    assert net.tiles == 1 and net.tile_shapes[0] == (1, 1, 128, 128)
+    assert torch.equal(out[~hole], img[~hole])
+    assert torch.allclose(out[hole], torch.full((100,), 0.25))
+    # a hole in the overlap of 4 tiles -> 4 tiles, averaged
+    hole2 = torch.zeros(300, 260, dtype=torch.bool)
+    hole2[100:110, 100:110] = True
+    net2 = _CountingNet()
+    out2 = inpaint_tiles(net2, img, hole2, tile=128, overlap=0.25, batch_size=3)
+    assert net2.tiles == 4 and net2.calls == 2
+    assert torch.allclose(out2[hole2], torch.full((100,), 0.25))
+    assert torch.equal(out2[~hole2], img[~hole2])
+
+
+def test_inpaint_tiles_empty_and_small_image() -> None:
+    img = torch.rand(40, 50)
+    net = _CountingNet()
+    out = inpaint_tiles(net, img, torch.zeros(40, 50, dtype=torch.bool))
+    assert net.calls == 0 and torch.equal(out, img)
+    hole = torch.zeros(40, 50, dtype=torch.bool)
+    hole[10:20, 10:30] = True
+    out = inpaint_tiles(net, img, hole, tile=64)
+    assert out.shape == (40, 50) and net.tile_shapes == [(1, 1, 64, 64)]
+    assert torch.equal(out[~hole], img[~hole])
+
+
+def test_inpaint_tiles_real_net_restores_train_mode() -> None:
+    net = _tiny_net().train()
+    img = torch.rand(70, 90)
+    hole = torch.zeros(70, 90, dtype=torch.bool)
+    hole[30:40, 40:60] = True
+    out = inpaint_tiles(net, img, hole, tile=32, overlap=0.5)
+    assert net.training
+    assert torch.isfinite(out).all() and torch.equal(out[~hole], img[~hole])
