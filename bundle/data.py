@@ -18,7 +18,7 @@ import math
 import os
 import plistlib
 import re
-import tempfile
+import uuid
 import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -199,6 +199,12 @@ def _meta_of(x: Any) -> dict:
     return dict(x.meta) if isinstance(x, MetaTensor) else {}
 
 
+def _meta_tensor(t: torch.Tensor, affine: Any, meta: Mapping) -> MetaTensor:
+    """A MetaTensor with its own copy of ``meta`` (MetaTensor keeps the dict it is given) and ``affine``."""
+    m = {k: v for k, v in meta.items() if k != "affine"}
+    return MetaTensor(t, affine=affine, meta=m)
+
+
 def _affine_with(affine: torch.Tensor | None, mat: np.ndarray) -> torch.Tensor:
     """``affine @ mat`` where ``mat`` is a 3x3 (row, col, 1) index transform; any affine size."""
     if affine is None:
@@ -262,7 +268,7 @@ def _dicom_view(ds: Any) -> str:
         return view
     seq = ds.get("ViewCodeSequence")
     if seq:
-        meaning = str(seq[0].get("CodeMeaning", "")).lower().replace("–", "-")
+        meaning = str(seq[0].get("CodeMeaning", "")).lower()
         for text, code in _VIEW_MEANINGS:
             if text in meaning:
                 return code
@@ -435,6 +441,7 @@ def _read_tiff(path: PathLike) -> tuple[np.ndarray, dict]:
     arr = np.squeeze(arr)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
+    is_int = np.issubdtype(arr.dtype, np.integer)
     inverted = photometric == "MINISWHITE"
     if inverted:  # TIFF's MONOCHROME1
         if np.issubdtype(arr.dtype, np.integer):
@@ -445,7 +452,7 @@ def _read_tiff(path: PathLike) -> tuple[np.ndarray, dict]:
     info = {
         "format": "tiff",
         "spacing": None,
-        "bits_stored": bits if np.issubdtype(np.asarray(arr).dtype, np.integer) or inverted else 0,
+        "bits_stored": bits if is_int else 0,
         "photometric": "MONOCHROME1" if inverted else "MONOCHROME2",
         "inverted": inverted,
     }
@@ -600,7 +607,7 @@ def read_mammogram(
         "inverted": bool(info["inverted"]),
         "voi_applied": bool(info["voi_applied"]),
     }
-    return MetaTensor(torch.from_numpy(arr32)[None], affine=affine, meta=meta)
+    return _meta_tensor(torch.from_numpy(arr32)[None], affine, meta)
 
 
 class LoadMammogramd(MapTransform):
@@ -784,8 +791,7 @@ class OrientBreastd(MapTransform):
                 w = t.shape[-1]
                 affine = _affine_with(affine, np.array([[1.0, 0, 0], [0, -1.0, w - 1.0], [0, 0, 1.0]]))
             meta["flip_lr"] = bool(flip)
-            meta.pop("affine", None)
-            d[key] = MetaTensor(t, affine=affine, meta=meta)
+            d[key] = _meta_tensor(t, affine, meta)
         return d
 
 
@@ -898,10 +904,9 @@ class ResampleToSpacingd(MapTransform):
             if size != shape:
                 t = _resize(t, size, mode, self.antialias)
                 affine = _affine_with(affine, _scale_matrix(shape, size))
-            meta.pop("affine", None)
             meta["working_spacing"] = self.spacing
             meta["working_shape"] = (int(size[0]), int(size[1]))
-            d[key] = MetaTensor(t, affine=affine, meta=meta)
+            d[key] = _meta_tensor(t, affine, meta)
         return d
 
 
@@ -971,6 +976,25 @@ def _pectoral_muscle(small: np.ndarray, breast: np.ndarray, margin: int) -> np.n
     return muscle
 
 
+def _disk_opening(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Morphological opening by a disk of ``radius`` pixels via Euclidean distance transforms.
+
+    Exact for disks and linear in the image size, unlike a large structuring element.
+
+    Args:
+        mask: boolean image.
+        radius: disk radius in pixels.
+    """
+    if radius <= 0 or not mask.any():
+        return mask.copy()
+    padded = np.pad(mask, 1, constant_values=False)
+    eroded = ndimage.distance_transform_edt(padded) > radius
+    if not eroded.any():
+        return np.zeros_like(mask)
+    opened = ndimage.distance_transform_edt(~eroded) <= radius
+    return opened[1:-1, 1:-1] & mask
+
+
 def compute_breast_mask(
     image: np.ndarray | torch.Tensor,
     spacing: float = 0.07,
@@ -1016,7 +1040,7 @@ def compute_breast_mask(
     mask = _fill_holes_chest_wall(mask)
     radius = max(1, round(opening_mm / (spacing * f)))
     radius = min(radius, max(1, min(small.shape) // 16))
-    mask = ndimage.binary_opening(mask, structure=disk(radius))
+    mask = _disk_opening(mask, radius)
     lab, n = ndimage.label(mask)
     if n == 0:
         return np.zeros((h, w), bool), False
@@ -1105,11 +1129,10 @@ class BreastMaskd(MapTransform):
         mask, removed = compute_breast_mask(t[0], float(sp), exclude_pectoral=pect, opening_mm=self.opening_mm)
         if mask.sum() < self.min_area_fraction * mask.size:
             raise MammogramError(path, "empty breast mask")
-        meta.pop("affine", None)
         meta["pectoral_removed"] = bool(removed)
         affine = img.affine if isinstance(img, MetaTensor) else None
         out = torch.from_numpy(mask[None].astype(np.uint8)).to(self.dtype)
-        d[self.out_key] = MetaTensor(out, affine=affine, meta=meta)
+        d[self.out_key] = _meta_tensor(out, affine, meta)
         return d
 
 
@@ -1175,10 +1198,9 @@ class NormalizeMammogramd(MapTransform):
             if not hi - lo > 1e-6 * max(1.0, abs(hi)):
                 raise MammogramError(path, "no contrast inside the breast (flat image)")
             out = ((arr - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
-            meta.pop("affine", None)
             meta.update({"norm_lower": lo, "norm_upper": hi, "norm_percentiles": (self.lower, self.upper)})
             affine = x.affine if isinstance(x, MetaTensor) else None
-            d[key] = MetaTensor(torch.from_numpy(out), affine=affine, meta=meta)
+            d[key] = _meta_tensor(torch.from_numpy(out), affine, meta)
         return d
 
 
@@ -1237,12 +1259,14 @@ class RestoreGeometryd(MapTransform):
             if flip:
                 t = torch.flip(t, dims=(-1,))
             meta = dict(ref_meta)
-            meta.pop("affine", None)
+            # the output lies on the source grid: a second restore is a no-op
+            meta["restored_flip_lr"] = flip
+            meta["restored_from_shape"] = tuple(int(s) for s in ref_meta.get("working_shape", target))
             meta["flip_lr"] = False
             meta["working_shape"] = target
             meta["restored"] = True
             affine = torch.as_tensor(orig_affine, dtype=torch.float64) if orig_affine is not None else None
-            out = MetaTensor(t, affine=affine, meta=meta)
+            out = _meta_tensor(t, affine, meta)
             d[key] = out[0] if squeeze else out
         return d
 
@@ -1274,7 +1298,7 @@ def _draw_roi(mask: np.ndarray, points: list[tuple[float, float]], point_radius:
     ri, ci = np.rint(ys).astype(int), np.rint(xs).astype(int)
     if len(points) == 1:
         if point_radius > 0:
-            rr, cc = disk((ys[0], xs[0]), point_radius + 0.5, shape=(h, w))
+            rr, cc = disk((ri[0], ci[0]), point_radius + 0.5, shape=(h, w))
             mask[rr, cc] = 1
         elif 0 <= ri[0] < h and 0 <= ci[0] < w:
             mask[ri[0], ci[0]] = 1
@@ -1392,7 +1416,6 @@ class LoadINbreastLabeld(MapTransform):
         if meta.get("flip_lr") or "working_shape" in meta or tuple(meta.get("original_shape", shape)) != shape:
             raise ValueError("LoadINbreastLabeld must run before OrientBreastd/ResampleToSpacingd (source grid)")
         affine = img.affine if isinstance(img, MetaTensor) else None
-        meta.pop("affine", None)
         for key in self.key_iterator(d):
             src = d[key]
             cluster = np.zeros(shape, np.uint8)
@@ -1408,9 +1431,9 @@ class LoadINbreastLabeld(MapTransform):
                     raise MammogramError(src, f"label shape {arr.shape} does not match the image shape {shape}")
                 calc = (np.nan_to_num(arr.astype(np.float32)) > 0).astype(np.uint8)
             lmeta = dict(meta, label_file="" if src is None else str(src))
-            d[key] = MetaTensor(torch.from_numpy(calc)[None], affine=affine, meta=lmeta)
+            d[key] = _meta_tensor(torch.from_numpy(calc)[None], affine, lmeta)
             if self.cluster_key is not None:
-                d[self.cluster_key] = MetaTensor(torch.from_numpy(cluster)[None], affine=affine, meta=dict(lmeta))
+                d[self.cluster_key] = _meta_tensor(torch.from_numpy(cluster)[None], affine, dict(lmeta))
         return d
 
 
@@ -1481,15 +1504,15 @@ def _refuse_inputs(path: Path, protect: Iterable[PathLike]) -> None:
 
 
 def _atomic_write(path: Path, suffix: str, write: Any) -> None:
+    """Call ``write(tmp)`` on a fresh temporary name next to ``path``, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}"  # created by the writer: umask applies
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "inject_mcs",
     "make_phantom",
     "write_mg_dicom",
+    "write_label_nifti",
     "make_dataset",
 ]
 
@@ -55,11 +56,13 @@ _MU_ADIPOSE = 0.0456
 _MU_GLAND = 0.0802
 _MU_SKIN = 0.0802
 _MU_MUSCLE = 0.08
+# effective attenuation of MC material (calcium hydroxyapatite) in 1/mm near 20 keV
+_MU_MC = 1.2
 # spacing (mm) of the coarse grid on which smooth fields are synthesised
 _COARSE_MM = 0.28
 # spread (1st to 99th percentile) of a breast in log-attenuation units, used by inject_mcs to
 # convert the contrast ``c`` into grey levels when no gain is given (calibrated on phantoms)
-_BREAST_LOG_SPREAD = 1.6
+_BREAST_LOG_SPREAD = 1.0
 # MC morphology of a cluster -> probabilities of the MC shapes in MC_SHAPES order
 _MORPHOLOGY = {
     "punctate": (0.75, 0.25, 0.0, 0.0),
@@ -338,7 +341,8 @@ def _plan_cluster(
     d_cl = _loguniform(rng, d_lo, d_hi)
     d_cl = min(d_cl, max(d_lo, 0.5 * extent / math.sqrt(max(n_target, 1))))
     c_lo, c_hi = contrast
-    c_cl = _loguniform(rng, max(c_lo, 1e-4), max(c_hi, 1e-4))
+    # per-cluster factor for MC density/composition and scatter (see c_mc below)
+    kappa = _loguniform(rng, 0.4, 1.0)
     semi_a = extent / 2.0 / spacing
     semi_b = semi_a * rng.uniform(0.4, 1.0)
     psi = rng.uniform(0, math.pi)
@@ -367,7 +371,9 @@ def _plan_cluster(
                 continue
             if not np.all(allowed[r0:r1, c0:c1][prof > 0]):
                 continue
-            c_mc = c_cl * math.exp(rng.normal(0.0, 0.25)) * (d_mm / d_cl) ** 0.3
+            # contrast grows with the MC thickness: 1 - exp(-mu * d), mu ~ 1.2/mm for
+            # calcium hydroxyapatite near 20 keV, scaled by kappa, clipped to the range
+            c_mc = kappa * (1.0 - math.exp(-_MU_MC * d_mm)) * math.exp(rng.normal(0.0, 0.2))
             c_mc = float(np.clip(c_mc, c_lo, c_hi))
             placed.append((cy, cx, d_px))
             patches.append((r0, c0, prof))
@@ -424,7 +430,7 @@ def inject_mcs(
         avoid: optional 2-D mask of regions to keep free of MCs (masses, pectoral muscle).
         gain: grey levels per unit of log attenuation. ``None`` estimates it as the spread
             (99th - 1st percentile) of the breast pixels divided by a typical breast spread
-            of 1.6 log units, which matches the phantom of :func:`make_phantom`.
+            of 1.0 log unit, which matches the phantom of :func:`make_phantom`.
         psf_sigma_px: Gaussian PSF sigma in pixels, a value or a range drawn once per call.
         margin_mm: minimum distance of MC pixels to the border of the allowed region.
 
@@ -558,8 +564,8 @@ def _outline(view: str, rows: np.ndarray, height: int, width: int, rng: np.rando
     else:
         depth = width * rng.uniform(0.72, 0.92)
         yc = height * rng.uniform(0.46, 0.54)
-        b_top = height * rng.uniform(0.42, 0.56)
-        b_bot = height * rng.uniform(0.42, 0.56)
+        b_top = height * rng.uniform(0.5, 0.65)
+        b_bot = height * rng.uniform(0.5, 0.65)
         p = rng.uniform(1.8, 2.6)
         u = (rows - yc) / np.where(rows < yc, b_top, b_bot)
         xb = depth * np.clip(1.0 - np.abs(u) ** p, 0, None) ** (1.0 / p)
@@ -589,75 +595,100 @@ def _pectoral(rows: np.ndarray, height: int, width: int, x_limit: float, rng: np
     return border, x_p, y_p
 
 
-def _ridges(
+def _foam(
     coarse_shape: tuple[int, int],
     sl: float,
     rng: np.random.Generator,
-    centre_mm: tuple[float, float],
-    scale_mm: float,
-    stretch: float,
-) -> np.ndarray:
-    """Signed distance (coarse pixels) to the zero set of a warped random field.
+    cell_mm: float,
+    direction: float = 0.0,
+    stretch: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distance to the edges of a warped Voronoi foam, as a locally linear field.
 
-    The field is elongated along rays through ``centre_mm``, so its zero set is a network
-    of curves running roughly towards that point (fibrous strands, ducts).
+    The edges model the septa (Cooper's ligaments) around fat lobules. For every coarse
+    pixel the distance ``d`` (mm, >= 0) to the bisector of its two nearest seeds and the
+    gradient of that bisector distance (per coarse pixel) are returned, so that the exact
+    distance can be extrapolated to fine pixels with :func:`_linear_upsample`, without
+    interpolating across edges.
 
-    Args:
-        coarse_shape: coarse grid shape.
-        sl: coarse pixel size in mm.
-        rng: random generator.
-        centre_mm: convergence point ``(row, col)`` in mm.
-        scale_mm: typical cell size of the network in mm.
-        stretch: elongation ratio along the radial direction.
-    """
-    h, w = coarse_shape
-    n_tex = 512
-    tex_sp = scale_mm / 6.0
-    tex = _spectral_noise((n_tex, n_tex), tex_sp, rng, sigma_mm=scale_mm / 4.0)
-    yy = (np.arange(h, dtype=np.float32)[:, None] + 0.5) * sl - centre_mm[0]
-    xx = (np.arange(w, dtype=np.float32)[None, :] + 0.5) * sl - centre_mm[1]
-    rad = np.hypot(yy, xx)
-    phi = np.arctan2(yy, -xx)
-    r_ref = 0.5 * float(rad.max())
-    su, sv = math.sqrt(stretch), 1.0 / math.sqrt(stretch)
-    u = rad / su / tex_sp + rng.uniform(0, n_tex)
-    v = phi * r_ref / sv / tex_sp + rng.uniform(0, n_tex)
-    field = ndi.map_coordinates(tex, [u.ravel(), v.ravel()], order=1, mode="grid-wrap").reshape(h, w)
-    gy, gx = np.gradient(field)
-    grad = np.hypot(gy, gx)
-    return np.clip(field / np.maximum(grad, 1e-3), -6.0, 6.0).astype(np.float32)
-
-
-def _foam(
-    coarse_shape: tuple[int, int], sl: float, rng: np.random.Generator, cell_mm: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Signed distance (mm) to the edges of a warped Voronoi foam, and the cell index map.
-
-    The edges model the septa (Cooper's ligaments) around fat lobules. The sign flips across
-    every edge (it depends on the order of the two nearest seeds), so the distance is
-    linear across edges and can be interpolated.
+    Returns ``(d, grad_row, grad_col, cell_index)``.
 
     Args:
         coarse_shape: coarse grid shape.
         sl: coarse pixel size in mm.
         rng: random generator.
         cell_mm: typical cell size in mm.
+        direction: angle (radians, from the column axis towards increasing rows) along
+            which cells are elongated, e.g. from the chest wall to the nipple.
+        stretch: elongation ratio of the cells along ``direction``.
     """
     from scipy.spatial import cKDTree
 
     h, w = coarse_shape
-    gy = np.arange(-1.0, h * sl / cell_mm + 1.0)
-    gx = np.arange(-1.0, w * sl / cell_mm + 1.0)
+    yy = (np.arange(h, dtype=np.float32)[:, None] + 0.5) * sl
+    xx = (np.arange(w, dtype=np.float32)[None, :] + 0.5) * sl
+    if stretch != 1.0:
+        ca, sa = math.cos(direction), math.sin(direction)
+        along = (xx * ca + yy * sa) / math.sqrt(stretch)
+        across = (-xx * sa + yy * ca) * math.sqrt(stretch)
+        yy, xx = across, along
+    yy = np.broadcast_to(yy, (h, w))
+    xx = np.broadcast_to(xx, (h, w))
+    y0, x0 = float(yy.min()), float(xx.min())
+    gy = np.arange(-1.0, (float(yy.max()) - y0) / cell_mm + 2.0)
+    gx = np.arange(-1.0, (float(xx.max()) - x0) / cell_mm + 2.0)
     seeds = np.stack(np.meshgrid(gy, gx, indexing="ij"), -1).reshape(-1, 2)
-    seeds = (seeds + rng.uniform(-0.45, 0.45, size=seeds.shape)) * cell_mm
-    warp = 0.3 * cell_mm
-    qy = (np.arange(h, dtype=np.float32)[:, None] + 0.5) * sl + warp * _spectral_noise(coarse_shape, sl, rng, sigma_mm=cell_mm)
-    qx = (np.arange(w, dtype=np.float32)[None, :] + 0.5) * sl + warp * _spectral_noise(coarse_shape, sl, rng, sigma_mm=cell_mm)
-    dist, idx = cKDTree(seeds).query(np.stack([qy.ravel(), qx.ravel()], 1), k=2)
-    sep = np.linalg.norm(seeds[idx[:, 0]] - seeds[idx[:, 1]], axis=1)
-    d = (dist[:, 1] ** 2 - dist[:, 0] ** 2) / (2.0 * np.maximum(sep, 1e-6))
-    d = np.where(idx[:, 0] < idx[:, 1], d, -d)
-    return d.reshape(h, w).astype(np.float32), idx[:, 0].reshape(h, w)
+    seeds = (seeds + rng.uniform(-0.5, 0.5, size=seeds.shape)) * cell_mm + np.array([y0, x0])
+    warp = 0.45 * cell_mm
+    qy = yy + warp * _spectral_noise(coarse_shape, sl, rng, sigma_mm=1.2 * cell_mm)
+    qx = xx + warp * _spectral_noise(coarse_shape, sl, rng, sigma_mm=1.2 * cell_mm)
+    # distance to the cell border = min over the neighbour seeds of the bisector distance
+    dist, idx = cKDTree(seeds).query(np.stack([qy.ravel(), qx.ravel()], 1), k=4)
+    own = seeds[idx[:, 0]]
+    best_d = np.full(idx.shape[0], np.inf)
+    best_n = np.zeros((idx.shape[0], 2))
+    for j in range(1, idx.shape[1]):
+        diff = own - seeds[idx[:, j]]
+        sep = np.maximum(np.linalg.norm(diff, axis=1), 1e-6)
+        dj = (dist[:, j] ** 2 - dist[:, 0] ** 2) / (2.0 * sep)
+        better = dj < best_d
+        best_d = np.where(better, dj, best_d)
+        best_n[better] = diff[better] / sep[better, None]
+    d = best_d.reshape(h, w)
+    ny, nx = best_n[:, 0].reshape(h, w), best_n[:, 1].reshape(h, w)
+    # chain rule through the warp: gradient of d per coarse pixel step
+    qyy, qyx = np.gradient(qy)
+    qxy, qxx = np.gradient(qx)
+    g_row = ny * qyy + nx * qxy
+    g_col = ny * qyx + nx * qxx
+    f32 = np.float32
+    return d.astype(f32), g_row.astype(f32), g_col.astype(f32), idx[:, 0].reshape(h, w)
+
+
+def _linear_upsample(
+    value: np.ndarray, g_row: np.ndarray, g_col: np.ndarray, shape: tuple[int, int], factor: int
+) -> np.ndarray:
+    """Evaluate a per-coarse-pixel linear model ``value + grad . offset`` on the fine grid.
+
+    Each fine pixel uses the model of the coarse pixel it lies in (no interpolation across
+    coarse pixels, so distances to edges stay exact on both sides of an edge).
+
+    Args:
+        value: coarse values at the coarse pixel centres.
+        g_row: coarse gradients along rows (value change per coarse pixel).
+        g_col: coarse gradients along columns.
+        shape: fine shape.
+        factor: coarse grid factor.
+    """
+    ri = np.arange(shape[0]) // factor
+    ci = np.arange(shape[1]) // factor
+    off = ((np.arange(factor) + 0.5) / factor - 0.5).astype(np.float32)
+    dr = np.tile(off, shape[0] // factor + 1)[: shape[0], None]
+    dc = np.tile(off, shape[1] // factor + 1)[None, : shape[1]]
+    out = value[ri][:, ci]
+    out += g_row[ri][:, ci] * dr
+    out += g_col[ri][:, ci] * dc
+    return out
 
 
 def _vessels(
@@ -690,27 +721,30 @@ def _vessels(
     n_v = int(np.clip(rng.poisson(3 + area_mm2 / 6000.0), 2, 14))
     paths: list[tuple[np.ndarray, float, float]] = []
     step = 0.5
+    span = float(coarse_mask.any(axis=1).sum())
     for _ in range(n_v):
         y = float(rng.choice(rows_in))
-        x = float(rng.uniform(0, 0.15 * w))
-        heading = math.atan2(nipple_c[0] - y, nipple_c[1] - x) + rng.normal(0, 0.35)
+        x = float(np.flatnonzero(coarse_mask[int(y)])[0]) + rng.uniform(0, 0.1 * w)
+        ty = nipple_c[0] + rng.normal(0, 0.25 * span)
+        tx = nipple_c[1] * rng.uniform(0.7, 1.0)
+        max_steps = int(rng.uniform(0.5, 1.1) * math.hypot(ty - y, tx - x) / step)
+        heading = math.atan2(ty - y, tx - x) + rng.normal(0, 0.3)
         pts = []
         curv = 0.0
-        for _s in range(int(4 * (h + w) / step)):
+        for _s in range(max_steps):
             if not (0 <= y < h and 0 <= x < w) or not coarse_mask[int(y), int(x)]:
-                if pts:
-                    break
+                break
             pts.append((y, x))
-            target = math.atan2(nipple_c[0] - y, nipple_c[1] - x)
-            curv = 0.99 * curv + rng.normal(0, 0.0008 * step * sl / 0.14)
+            target = math.atan2(ty - y, tx - x)
+            curv = 0.98 * curv + rng.normal(0, 0.0004 * step * sl / 0.14)
             diff = math.atan2(math.sin(target - heading), math.cos(target - heading))
-            heading += curv + 0.002 * diff
+            heading += curv + 0.003 * diff
             y += step * math.sin(heading)
             x += step * math.cos(heading)
         if len(pts) > 10:
-            paths.append((np.asarray(pts), rng.uniform(0.5, 1.6), rng.uniform(0.1, 0.25)))
+            paths.append((np.asarray(pts), rng.uniform(0.5, 1.4), rng.uniform(0.06, 0.16)))
     if crossing:
-        inner = np.argwhere(ndi.binary_erosion(coarse_mask, iterations=max(1, int(12 / sl))))
+        inner = np.argwhere(ndi.distance_transform_edt(coarse_mask) * sl > 12.0)
         if inner.size:
             cy, cx = inner[int(rng.integers(len(inner)))].astype(float)
             a1 = rng.uniform(0, math.pi)
@@ -721,7 +755,7 @@ def _vessels(
                 bend = rng.normal(0, 0.002) * ts**2
                 pts = np.stack([cy + ts * math.sin(ang) + bend * math.cos(ang), cx + ts * math.cos(ang) - bend * math.sin(ang)], 1)
                 keep = (pts[:, 0] >= 0) & (pts[:, 0] < h) & (pts[:, 1] >= 0) & (pts[:, 1] < w)
-                paths.append((pts[keep], rng.uniform(0.6, 1.2), rng.uniform(0.15, 0.3)))
+                paths.append((pts[keep], rng.uniform(0.6, 1.2), rng.uniform(0.12, 0.2)))
             crossings.append([cy, cx])
     for pts, width_mm, amp in paths:
         acc = np.zeros((h, w), dtype=np.float32)
@@ -734,6 +768,30 @@ def _vessels(
         sub = ndi.gaussian_filter(acc[ys:ye, xs:xe], sig)
         out[ys:ye, xs:xe] += sub * (amp * math.sqrt(2 * math.pi) * sig)
     return out, crossings
+
+
+def _masked_lowpass(img: np.ndarray, mask: np.ndarray, factor: int, sigma: float) -> np.ndarray:
+    """Gaussian low-pass of ``img`` restricted to ``mask`` (normalised convolution).
+
+    Computed on a grid ``factor`` times coarser and up-sampled; zero outside the mask.
+
+    Args:
+        img: full-resolution image.
+        mask: boolean mask of valid pixels.
+        factor: coarse grid factor.
+        sigma: Gaussian sigma in coarse pixels.
+    """
+    height, width = img.shape
+    h, w = -(-height // factor), -(-width // factor)
+    pad = ((0, h * factor - height), (0, w * factor - width))
+    m = np.pad(mask.astype(np.float32), pad)
+    v = np.pad(img * mask, pad)
+    m_c = m.reshape(h, factor, w, factor).mean(axis=(1, 3))
+    v_c = v.reshape(h, factor, w, factor).mean(axis=(1, 3))
+    num = ndi.gaussian_filter(v_c, sigma, mode="nearest")
+    den = ndi.gaussian_filter(m_c, sigma, mode="nearest")
+    low = np.where(m_c > 0, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
+    return _upsample(low, (height, width), factor)
 
 
 def _density_fraction(density: float | str | None, rng: np.random.Generator) -> float:
@@ -875,8 +933,8 @@ def make_phantom(
     prior = prior * np.clip(xx_c / (0.1 * depth_mm), 0, 1) ** 0.5
     band = 0.35 * float(mask_c.sum(0).max()) * sl
     prior = prior * np.exp(-0.25 * ((yy_c - nipple[0] * spacing) / band) ** 2)
-    lowf = _spectral_noise((h, w), sl, rng_tis, beta=3.6, f_min=1.0 / 40.0)
-    field = prior + 0.3 * lowf
+    lowf = _spectral_noise((h, w), sl, rng_tis, beta=4.0, f_min=1.0 / 60.0)
+    field = prior + 0.22 * lowf
     pect_c = np.zeros((h, w), dtype=bool)
     pect_info: dict[str, float] = {}
     if view == "MLO":
@@ -890,10 +948,18 @@ def make_phantom(
     dens *= np.clip(sdf_c / 3.0, 0, 1)
     tex = _spectral_noise((h, w), sl, rng_tis, beta=beta, f_min=0.02)
     fine = _spectral_noise((h, w), sl, rng_tis, beta=2.2, f_min=0.1)
-    foam_small, cells = _foam((h, w), sl, rng_tis, float(rng_tis.uniform(5.0, 9.0)))
-    lobule = rng_tis.uniform(0.0, 0.05, size=int(cells.max()) + 1)[cells]
-    g_fat = np.clip(0.04 + 0.03 * tex + 0.02 * fine + lobule, 0, 0.3)
-    g_dense = np.clip(0.42 + 0.16 * tex + 0.07 * fine, 0.05, 1.0)
+    # MLO: strands run from the axilla (upper chest wall) towards the nipple
+    ang_n = math.atan2(nipple[0] - 0.25 * height, nipple[1]) if view == "MLO" else 0.0
+    # the foam layers live on a grid twice as coarse; distances to edges are extrapolated
+    # exactly (locally linear), so this costs no sharpness
+    fshape = (-(-h // 2), -(-w // 2))
+    foam_small = _foam(fshape, 2 * sl, rng_tis, float(rng_tis.uniform(5.0, 9.0)), ang_n, 1.6)
+    cells = np.repeat(np.repeat(foam_small[3], 2, axis=0), 2, axis=1)[:h, :w]
+    lobule = rng_tis.uniform(0.0, 0.04, size=int(cells.max()) + 1)[cells]
+    # fat lobules: darker centres, brighter rims along the septa
+    rim = np.exp(-np.abs(_linear_upsample(*foam_small[:3], (h, w), 2)) / 1.2)
+    g_fat = np.clip(0.03 + 0.03 * tex + 0.02 * fine + lobule + 0.04 * rim, 0, 0.3)
+    g_dense = np.clip(0.24 + 0.06 * tex + 0.03 * fine, 0.05, 1.0)
     g = dens * g_dense + (1 - dens) * g_fat
     # clustered lumpy component (Bochud et al. 1999 style) inside the dense region
     cand = np.argwhere(dens > 0.5)
@@ -908,24 +974,25 @@ def make_phantom(
             np.add.at(lumps, (pts[ok, 0], pts[ok, 1]), 1.0)
         sig_l = 0.8 / sl
         lumps = ndi.gaussian_filter(lumps, sig_l) * (2 * math.pi * sig_l**2)
-        g += 0.12 * np.tanh(lumps) * dens
+        g += 0.03 * np.tanh(lumps) * dens
     ves, crossings_c = _vessels(mask_c, sl, rng_ves, (float(nipple[0] / f), float(nipple[1] / f)), traps)
     g += ves
     # curvilinear network: layers of thin bright curves (ligaments around fat lobules,
     # fibrous strands converging to the nipple), faded in and out by smooth visibility maps
     inside = np.clip(sdf_c / 1.5, 0, 1) * (~pect_c) * np.clip(r_conv / 10.0, 0, 1)
-    foam_large, _ = _foam((h, w), sl, rng_tis, float(rng_tis.uniform(10.0, 18.0)))
+    foam_large = _foam(fshape, 2 * sl, rng_tis, float(rng_tis.uniform(10.0, 18.0)), ang_n, 2.0)
+    strands = _foam(fshape, 2 * sl, rng_tis, 6.0, ang_n, 2.0)
     specs = [
-        (foam_small, 0.18, 0.26, 1 - 0.7 * dens),
-        (foam_large, 0.28, 0.3, 1 - 0.5 * dens),
-        (_ridges((h, w), sl, rng_tis, conv_mm, 3.0, 4.0) * sl, 0.14, 0.18, 0.3 + 0.7 * dens),
-        (_ridges((h, w), sl, rng_tis, conv_mm, 1.6, 3.0) * sl, 0.08, 0.1, np.ones_like(dens)),
+        (foam_small, 0.3, 0.07, 1 - 0.6 * dens),
+        (foam_large, 0.5, 0.25, 1 - 0.4 * dens),
+        (strands, 0.3, 0.15, 0.7 + 0.3 * dens),
     ]
     layers = []
-    for dist_mm, width_mm, amp, weight in specs:
+    for (dist_mm, g_row, g_col, _), width_mm, amp, weight in specs:
         vis = _spectral_noise((h, w), sl, rng_tis, sigma_mm=6.0)
-        vis = np.clip(0.7 * vis + rng_tis.uniform(0.2, 0.6), 0, 1)
-        layers.append((dist_mm / width_mm, amp * vis * weight * inside))
+        vis = np.clip(0.9 * vis + rng_tis.uniform(-0.1, 0.3), 0, 1)
+        scale = 1.0 / (width_mm * float(rng_tis.uniform(0.8, 1.25)))
+        layers.append((dist_mm * scale, g_row * scale, g_col * scale, amp * vis * weight * inside))
 
     # ---- attenuation map at full resolution --------------------------------------------
     dm = np.clip(sdf, 0, rad)
@@ -934,12 +1001,16 @@ def make_phantom(
     t_in = 2.0 * np.sqrt(dm2 * (2 * (rad - skin) - dm2))
     del dm, dm2
     g_full = _upsample(g, (height, width), f)
-    for dist, a_map in layers:
-        dd = _upsample(dist, (height, width), f)
-        g_full += _upsample(a_map, (height, width), f) * np.exp(-0.5 * dd * dd)
-    del dd
+    for dist, g_row, g_col, a_map in layers:
+        dd = _linear_upsample(dist, g_row, g_col, (height, width), 2 * f)
+        dd *= dd
+        dd *= -0.5
+        np.exp(dd, out=dd)
+        dd *= _upsample(a_map, (height, width), f)
+        g_full += dd
+        del dd
     np.clip(g_full, 0.0, 1.6, out=g_full)
-    mu_skin = _MU_SKIN * (1.6 if traps else 1.0)
+    mu_skin = _MU_SKIN * (1.3 if traps else 1.0)
     att = t_in * (_MU_ADIPOSE + (_MU_GLAND - _MU_ADIPOSE) * g_full)
     att += mu_skin * (t_all - t_in)
     del g_full
@@ -953,9 +1024,9 @@ def make_phantom(
         soft = np.clip((border_f[:n_rows, None] - cols_f) / edge_px + 0.5, 0, 1)
         close = 1.0 - np.clip(cols_f / np.maximum(border_f[:n_rows, None], 1.0), 0, 1)
         ang = math.atan2(pect_info["height_px"], -pect_info["width_px"])
-        stri = _spectral_noise((h, w), sl, rng_tis, sigma_mm=0.5, anisotropy=(10.0, ang))
+        stri = _spectral_noise((h, w), sl, rng_tis, sigma_mm=0.8, anisotropy=(4.0, ang))
         stri_f = _upsample(stri[: -(-n_rows // f) + 1], (n_rows, width), f)
-        frac_m = soft * np.clip(0.5 + 0.4 * np.sqrt(close) + 0.08 * stri_f, 0, 1)
+        frac_m = soft * np.clip(0.35 + 0.4 * np.sqrt(close) + 0.015 * stri_f, 0, 1)
         # replace the fraction frac_m of the tissue path by muscle
         tissue_att = att[:n_rows] - mu_skin * (t_all[:n_rows] - t_in[:n_rows])
         att[:n_rows] += frac_m * (t_in[:n_rows] * _MU_MUSCLE - tissue_att)
@@ -974,7 +1045,7 @@ def make_phantom(
         )
 
     # ---- detector: counts, Poisson + electronic noise, log ------------------------------
-    n_fat = float(rng_noise.uniform(3000, 8000)) * (spacing / 0.07) ** 2
+    n_fat = float(rng_noise.uniform(2000, 6000)) * (spacing / 0.07) ** 2
     att_ref = _MU_ADIPOSE * (thick - 2 * skin) + mu_skin * 2 * skin
     n0 = n_fat * math.exp(att_ref)
     counts = n0 * np.exp(-att)
@@ -985,13 +1056,23 @@ def make_phantom(
     np.maximum(noisy, 1.0, out=noisy)
     log_sig = np.log(np.float32(n0)) - np.log(noisy)
     del noisy
-    # for-presentation mapping: partial thickness equalisation, linear in the log signal
-    alpha = float(rng_noise.uniform(0.6, 0.8))
-    p_fat = float(rng_noise.uniform(2500, 3500))
-    gain = p_fat / ((1 - alpha) * _MU_ADIPOSE * thick + (mu_skin - _MU_ADIPOSE) * 2 * skin)
+    # for-presentation processing, affine in the log signal inside the breast: thickness
+    # equalisation, compression of the large-scale (low-pass) component, then a window
+    # that maps the breast to [p_lo, p_hi]; the background is black
+    alpha = float(rng_noise.uniform(0.85, 1.0))
+    keep_low = float(rng_noise.uniform(0.3, 0.5))
     log_sig -= alpha * _MU_ADIPOSE * t_all
+    low = _masked_lowpass(log_sig, breast, f, float(rng_noise.uniform(6.0, 12.0)) / sl)
+    log_sig -= (1.0 - keep_low) * low
+    del low
+    sample = log_sig[::3, ::3][breast[::3, ::3]]
+    q_lo, q_hi = (float(v) for v in np.percentile(sample, [2.0, 99.5])) if sample.size else (0.0, 1.0)
+    p_lo, p_hi = float(rng_noise.uniform(500, 1200)), float(rng_noise.uniform(9000, 12000))
+    gain = (p_hi - p_lo) / max(q_hi - q_lo, 1e-3)
+    log_sig -= q_lo
     log_sig *= gain
-    del t_all, t_in, att
+    log_sig += p_lo
+    log_sig *= np.clip(t_all / 0.5, 0, 1)
     image = log_sig
     label_b = label
     breast_b = breast
@@ -1042,20 +1123,26 @@ def make_phantom(
             bead_val = float(rng_trap.uniform(13500, 16383))
             image[r0:r1, c0:c1] = np.maximum(image[r0:r1, c0:c1], bead_val * prof**0.25)
             trap_info["skin_marker"] = [float(mr), float(mc_), float(bead_r)]
-        # burned-in text label in the background corner away from the chest wall
-        cell = max(1, int(round(0.45 / spacing)))
+        # burned-in text label in a background corner away from the chest wall (smaller
+        # glyphs when the background is small)
         text = f"{laterality}{view}"
-        box_h, box_w = 9 * cell, len(text) * 6 * cell + 2 * cell
         margin = max(2, int(0.03 * width))
-        guard = ndi.binary_dilation(breast_b[::f, ::f], iterations=max(1, int(3.0 / sl)))
+        guard = ndi.binary_dilation(breast_b[::f, ::f], iterations=max(1, int(2.0 / sl)))
         text_val = float(rng_trap.uniform(12000, 16383))
-        for top in (margin, height - margin - box_h):
-            left = width - margin - box_w if laterality == "L" else margin
-            if top < 0 or left < 0:
-                continue
-            region = guard[top // f : (top + box_h) // f + 1, left // f : (left + box_w) // f + 1]
-            if not region.any():
-                trap_info["text_box"] = list(_draw_text(image, text, top, left, cell, text_val))
+        base = max(1, int(round(0.45 / spacing)))
+        placed = False
+        for cell in sorted({base, max(1, base // 2), max(1, base // 3)}, reverse=True):
+            box_h, box_w = 9 * cell, len(text) * 6 * cell + 2 * cell
+            for top in (margin, height - margin - box_h):
+                left = width - margin - box_w if laterality == "L" else margin
+                if top < 0 or left < 0:
+                    continue
+                region = guard[top // f : (top + box_h) // f + 1, left // f : (left + box_w) // f + 1]
+                if not region.any():
+                    trap_info["text_box"] = list(_draw_text(image, text, top, left, cell, text_val))
+                    placed = True
+                    break
+            if placed:
                 break
 
     np.clip(image, 0, MAX_VALUE_14BIT, out=image)
@@ -1084,3 +1171,371 @@ def make_phantom(
         "breast": np.ascontiguousarray(breast_b, dtype=np.uint8),
         "info": info,
     }
+
+
+# ----------------------------------------------------------------------------------------
+# DICOM and data set writers
+# ----------------------------------------------------------------------------------------
+def _atomic_target(path: Path) -> tuple[int, str]:
+    """Create a temporary file next to ``path`` whose name keeps the full suffix.
+
+    Args:
+        path: final destination.
+    """
+    suffix = "".join(path.suffixes) or ".tmp"
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+
+
+def write_mg_dicom(
+    path: str | os.PathLike,
+    pixels: np.ndarray,
+    spacing: float | None,
+    laterality: str,
+    view: str,
+    seed: int = 0,
+    photometric: str = "MONOCHROME2",
+    rle: bool = False,
+    patient_id: str = "PHANTOM",
+    bits_stored: int = 14,
+    use_imager_spacing: bool = False,
+    *,
+    burned_in_annotation: bool = False,
+    derived: bool = False,
+    description: str = "mcref synthetic mammogram",
+) -> None:
+    """Write a Digital Mammography X-Ray Image - For Presentation DICOM file (MG).
+
+    ``pixels`` are bright = dense values. With ``photometric="MONOCHROME1"`` the stored
+    values are inverted (``2**bits_stored - 1 - v``), so a reader that inverts MONOCHROME1
+    with the same maximum recovers ``pixels``. UIDs derive deterministically from
+    ``(patient_id, seed, laterality, view)`` (``pydicom.uid.generate_uid`` with entropy
+    sources), so the same inputs give the same file. The file is written to a temporary
+    name in the target folder and renamed.
+
+    Args:
+        path: destination file.
+        pixels: 2-D integer array, values in ``[0, 2**bits_stored - 1]``.
+        spacing: pixel size in mm, or None to write no spacing attribute.
+        laterality: "L" or "R" (ImageLaterality).
+        view: view position, e.g. "CC" or "MLO" (ViewPosition and View Code Sequence).
+        seed: entropy for the UIDs.
+        photometric: "MONOCHROME2" (bright = dense) or "MONOCHROME1" (stored inverted).
+        rle: compress with RLE Lossless.
+        patient_id: PatientID (also PatientName).
+        bits_stored: BitsStored (HighBit = BitsStored - 1, BitsAllocated = 16).
+        use_imager_spacing: write ImagerPixelSpacing instead of PixelSpacing.
+        burned_in_annotation: value of BurnedInAnnotation ("YES"/"NO").
+        derived: ImageType DERIVED/SECONDARY instead of ORIGINAL/PRIMARY (for injected
+            real images).
+        description: SeriesDescription.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, RLELossless, generate_uid
+
+    arr = np.asarray(pixels)
+    if arr.ndim != 2:
+        raise ValueError(f"pixels must be 2-D, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"pixels must be an integer array, got {arr.dtype}")
+    if not 8 <= int(bits_stored) <= 16:
+        raise ValueError(f"bits_stored must lie in [8, 16], got {bits_stored}")
+    max_v = (1 << int(bits_stored)) - 1
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > max_v):
+        raise ValueError(f"pixel values must lie in [0, {max_v}] for bits_stored={bits_stored}")
+    photometric = photometric.upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+    laterality = laterality.upper()
+    if laterality not in ("L", "R"):
+        raise ValueError(f"laterality must be 'L' or 'R', got {laterality!r}")
+    view = view.upper()
+    arr = arr.astype(np.uint16)
+    stored = (max_v - arr).astype(np.uint16) if photometric == "MONOCHROME1" else arr
+
+    ent = ["mcref", str(patient_id), str(int(seed))]
+    study_uid = generate_uid(entropy_srcs=ent + ["study"])
+    series_uid = generate_uid(entropy_srcs=ent + ["series", laterality, view])
+    sop_uid = generate_uid(entropy_srcs=ent + ["instance", laterality, view])
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _MG_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = _MG_FOR_PRESENTATION
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.ImageType = ["DERIVED", "SECONDARY"] if derived else ["ORIGINAL", "PRIMARY"]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber = f"MCREF{int(seed) % 10**10:010d}"
+    ds.Modality = "MG"
+    ds.Manufacturer = "mcref"
+    ds.ManufacturerModelName = "synthetic"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesDescription = description
+    ds.PatientName = str(patient_id)
+    ds.PatientID = str(patient_id)
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.BodyPartExamined = "BREAST"
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.DetectorType = "DIRECT"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageLaterality = laterality
+    ds.Laterality = laterality
+    ds.ViewPosition = view
+    if view in _SCT_VIEW:
+        code = Dataset()
+        code.CodeValue, code.CodeMeaning = _SCT_VIEW[view]
+        code.CodingSchemeDesignator = "SCT"
+        ds.ViewCodeSequence = DicomSequence([code])
+        ds.ViewCodeSequence[0].ViewModifierCodeSequence = DicomSequence([])
+    row_dir = "A" if laterality == "L" else "P"
+    col_dir = "F" if view == "MLO" else ("R" if laterality == "L" else "L")
+    ds.PatientOrientation = [row_dir, col_dir]
+    ds.BreastImplantPresent = "NO"
+    ds.PartialView = "NO"
+    ds.OrganExposed = "BREAST"
+    ds.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = int(arr.shape[0]), int(arr.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = int(bits_stored)
+    ds.HighBit = int(bits_stored) - 1
+    ds.PixelRepresentation = 0
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME1" else -1
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    if spacing is not None:
+        sp = [f"{float(spacing):.6g}", f"{float(spacing):.6g}"]
+        if use_imager_spacing:
+            ds.ImagerPixelSpacing = sp
+        else:
+            ds.PixelSpacing = sp
+    fg = arr[arr > max_v * 0.05]
+    if fg.size == 0:
+        fg = arr.ravel()
+    sample = fg[:: max(1, fg.size // 500_000)]
+    lo, hi = (float(v) for v in np.percentile(sample, [1.0, 99.0]))
+    centre, width = 0.5 * (lo + hi), max(hi - lo, 1.0)
+    if photometric == "MONOCHROME1":
+        centre = max_v - centre
+    ds.WindowCenter = f"{centre:.1f}"
+    ds.WindowWidth = f"{width:.1f}"
+    ds.VOILUTFunction = "LINEAR"
+    ds.PixelData = stored.astype("<u2").tobytes()
+    if rle:
+        ds.compress(RLELossless, generate_instance_uid=False)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_label_nifti(path: str | os.PathLike, label: np.ndarray, spacing: float) -> None:
+    """Write a 2-D ``uint8`` label ``(rows, cols)`` as NIfTI, atomically.
+
+    Args:
+        path: destination ``.nii.gz`` file.
+        label: 2-D label aligned with ``pixel_array[r, c]``.
+        spacing: pixel size in mm (affine ``diag(spacing, spacing, 1, 1)``).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    img = nib.Nifti1Image(np.ascontiguousarray(label, dtype=np.uint8), np.diag([spacing, spacing, 1.0, 1.0]))
+    img.header.set_xyzt_units("mm")
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _split_counts(n_cases: int, splits: Sequence[float] | Sequence[int]) -> tuple[int, int, int]:
+    """Number of training, validation and test cases.
+
+    Args:
+        n_cases: total number of cases.
+        splits: three fractions (summing to 1) or three integer counts (summing to n_cases).
+    """
+    if len(splits) != 3:
+        raise ValueError(f"splits must have three entries (training, validation, test), got {splits}")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in splits):
+        counts = tuple(int(v) for v in splits)
+        if sum(counts) != n_cases or min(counts) < 0:
+            raise ValueError(f"split counts {counts} must be >= 0 and sum to n_cases={n_cases}")
+        return counts  # type: ignore[return-value]
+    fr = [float(v) for v in splits]
+    if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions {splits} must be >= 0 and sum to 1")
+    n_val = int(round(fr[1] * n_cases))
+    n_test = int(round(fr[2] * n_cases))
+    n_val = min(n_val, n_cases)
+    n_test = min(n_test, n_cases - n_val)
+    return n_cases - n_val - n_test, n_val, n_test
+
+
+def _json_ready(obj: Any) -> Any:
+    """Convert numpy scalars and tuples inside ``obj`` to plain JSON types.
+
+    Args:
+        obj: nested dicts/lists of values.
+    """
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically.
+
+    Args:
+        path: destination.
+        obj: JSON-serialisable object.
+    """
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(_json_ready(obj), fh, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def make_dataset(
+    out_dir: str | os.PathLike,
+    n_cases: int,
+    seed: int = 0,
+    shape: Sequence[int] = (1024, 832),
+    spacing: float = 0.07,
+    splits: Sequence[float] | Sequence[int] = (0.7, 0.15, 0.15),
+    with_mcs: bool = True,
+    progress: bool = True,
+    *,
+    negative_fraction: float = 0.0,
+    traps: bool = True,
+) -> Path:
+    """Write a synthetic MG data set: DICOM images, NIfTI labels and a MONAI datalist.
+
+    Files in ``out_dir``: ``case_XXX.dcm`` (a mix of L/R, CC/MLO, some MONOCHROME1, some
+    RLE-compressed, PixelSpacing or ImagerPixelSpacing), ``case_XXX_label.nii.gz``
+    (``uint8``, array ``(rows, cols)`` aligned with ``pixel_array[r, c]``, affine
+    ``diag(spacing, spacing, 1, 1)``), ``datalist.json`` (decathlon style: ``training``,
+    ``validation``, ``test`` lists of ``{"image", "label"}`` paths relative to ``out_dir``)
+    and ``cases.json`` (per-case parameters and MC cluster descriptions). Everything is
+    determined by ``seed``: the same seed gives identical pixel data.
+
+    Args:
+        out_dir: output folder (created).
+        n_cases: number of cases.
+        seed: master seed; case ``i`` uses a seed derived from ``(seed, i)``.
+        shape: ``(rows, cols)`` of every image.
+        spacing: pixel size in mm.
+        splits: fractions (summing to 1) or integer counts for training/validation/test;
+            cases are assigned in order.
+        with_mcs: insert MC clusters.
+        progress: show a tqdm progress bar.
+        negative_fraction: fraction of cases without MCs (when ``with_mcs``), chosen at
+            random per case.
+        traps: add the false-positive traps of :func:`make_phantom`.
+
+    Returns:
+        path of ``datalist.json``.
+    """
+    from tqdm import tqdm
+
+    if n_cases < 1:
+        raise ValueError(f"n_cases must be >= 1, got {n_cases}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_train, n_val, _ = _split_counts(n_cases, splits)
+    children = np.random.SeedSequence([int(seed), 7]).spawn(n_cases)
+    datalist: dict[str, list[dict[str, str]]] = {"training": [], "validation": [], "test": []}
+    cases: list[dict[str, Any]] = []
+    width = max(3, len(str(n_cases - 1)))
+    for i in tqdm(range(n_cases), desc="phantoms", disable=not progress):
+        rng = np.random.default_rng(children[i])
+        case_seed = int(children[i].generate_state(1)[0])
+        lat = "L" if rng.random() < 0.5 else "R"
+        view = "CC" if rng.random() < 0.5 else "MLO"
+        photometric = "MONOCHROME1" if rng.random() < 0.25 else "MONOCHROME2"
+        rle = bool(rng.random() < 0.2)
+        imager = bool(rng.random() < 0.5)
+        mcs = bool(with_mcs and rng.random() >= negative_fraction)
+        ph = make_phantom(shape=shape, spacing=spacing, view=view, laterality=lat, seed=case_seed, with_mcs=mcs, traps=traps)
+        name = f"case_{i:0{width}d}"
+        pid = f"MCREF{int(seed) % 100000:05d}{i:0{width}d}"
+        write_mg_dicom(
+            out / f"{name}.dcm",
+            ph["image"],
+            spacing,
+            lat,
+            view,
+            seed=case_seed,
+            photometric=photometric,
+            rle=rle,
+            patient_id=pid,
+            bits_stored=14,
+            use_imager_spacing=imager,
+            burned_in_annotation=traps,
+        )
+        write_label_nifti(out / f"{name}_label.nii.gz", ph["label"], spacing)
+        split = "training" if i < n_train else ("validation" if i < n_train + n_val else "test")
+        datalist[split].append({"image": f"{name}.dcm", "label": f"{name}_label.nii.gz"})
+        info = ph["info"]
+        cases.append(
+            {
+                "case": name,
+                "split": split,
+                "seed": case_seed,
+                "laterality": lat,
+                "view": view,
+                "photometric": photometric,
+                "rle": rle,
+                "imager_pixel_spacing": imager,
+                "with_mcs": mcs,
+                "n_clusters": len(info["clusters"]),
+                "n_mcs": sum(len(c["mcs"]) for c in info["clusters"]),
+                "label_pixels": int(ph["label"].sum()),
+                "info": info,
+            }
+        )
+    _write_json(out / "cases.json", cases)
+    path = out / "datalist.json"
+    _write_json(path, datalist)
+    return path

@@ -1,0 +1,1 @@
+"""Deployment of the mcref bundle: the MONAI Deploy application lives in :mod:`deploy.mcref_app`."""
