@@ -379,7 +379,10 @@ def _plan_cluster(
             patches.append((r0, c0, prof))
             mcs.append({"centre": [cy, cx], "diameter_mm": d_mm, "shape": shape, "contrast": c_mc})
             break
-    centre_out = [float(np.mean([m["centre"][0] for m in mcs])), float(np.mean([m["centre"][1] for m in mcs]))] if mcs else [float(centre[0]), float(centre[1])]
+    if mcs:
+        centre_out = [float(np.mean([m["centre"][0] for m in mcs])), float(np.mean([m["centre"][1] for m in mcs]))]
+    else:
+        centre_out = [float(centre[0]), float(centre[1])]
     return {
         "centre": centre_out,
         "extent_mm": float(extent),
@@ -423,7 +426,10 @@ def inject_mcs(
         rng: random generator; the result depends only on it and the inputs.
         n_clusters: number of clusters, an int or an inclusive ``(low, high)`` range.
         contrast: range of the MC contrast ``c`` (fraction of the raw signal removed at full
-            MC thickness); a cluster draws its level log-uniformly, MCs vary around it.
+            MC thickness). Within the range, ``c = kappa * (1 - exp(-1.2 / mm * d))`` grows
+            with the MC diameter ``d``; ``kappa`` (log-uniform in [0.4, 1] per cluster:
+            MC density, scatter) and a per-MC factor ``exp(N(0, 0.2))`` make faint and
+            bright clusters. A scalar gives that contrast exactly.
         diameter_mm: range of MC diameters (largest extent) in mm.
         mcs_per_cluster: inclusive range of the number of MCs per cluster (log-uniform).
         cluster_extent_mm: range of the cluster extent in mm.
@@ -575,7 +581,9 @@ def _outline(view: str, rows: np.ndarray, height: int, width: int, rng: np.rando
     return np.clip(xb * pert, 0, None)
 
 
-def _pectoral(rows: np.ndarray, height: int, width: int, x_limit: float, rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+def _pectoral(
+    rows: np.ndarray, height: int, width: int, x_limit: float, rng: np.random.Generator
+) -> tuple[np.ndarray, float, float]:
     """Column of the pectoral muscle border for every row (MLO, canonical orientation).
 
     Returns ``(border, x_p, y_p)``: border column per row, width at the top row and height
@@ -753,7 +761,9 @@ def _vessels(
             for ang in (a1, a2):
                 ts = np.arange(-half_len, half_len, step)
                 bend = rng.normal(0, 0.002) * ts**2
-                pts = np.stack([cy + ts * math.sin(ang) + bend * math.cos(ang), cx + ts * math.cos(ang) - bend * math.sin(ang)], 1)
+                pts = np.stack(
+                    [cy + ts * math.sin(ang) + bend * math.cos(ang), cx + ts * math.cos(ang) - bend * math.sin(ang)], 1
+                )
                 keep = (pts[:, 0] >= 0) & (pts[:, 0] < h) & (pts[:, 1] >= 0) & (pts[:, 1] < w)
                 paths.append((pts[keep], rng.uniform(0.6, 1.2), rng.uniform(0.12, 0.2)))
             crossings.append([cy, cx])
@@ -922,7 +932,7 @@ def make_phantom(
 
     # ---- tissue on the coarse grid (glandular fraction g) ------------------------------
     frac = _density_fraction(density, rng_tis)
-    beta = float(rng_tis.normal(3.3 if view == "MLO" else 3.17, 0.2))
+    beta = float(rng_tis.normal(3.3, 0.24) if view == "MLO" else rng_tis.normal(3.17, 0.23))
     yy_c = rows_c[:, None] * spacing
     xx_c = cols_c[None, :] * spacing
     # ducts and ligaments converge towards a point a little behind the nipple
@@ -1033,13 +1043,18 @@ def make_phantom(
         del tissue_att
         pect[:n_rows] = soft >= 0.5
         del soft, close, frac_m, stri_f
+        # MCs keep 2 mm away from the muscle border (a horizontal shift of the border)
+        n_avoid = int(min(height, n_rows + math.ceil(2.0 / spacing)))
+        shifted = np.interp(rows_f[:n_avoid] - 2.0 / spacing, rows_f, border_f) + 2.0 / spacing
+        pect_avoid = np.zeros((height, width), dtype=bool)
+        pect_avoid[:n_avoid] = cols_f < shifted[:, None]
     pect &= breast
 
     # ---- MCs (attenuation domain, gain 1) ------------------------------------------------
     clusters: list[dict[str, Any]] = []
     label = np.zeros((height, width), dtype=np.uint8)
     if with_mcs:
-        avoid = ndi.binary_dilation(pect, iterations=max(1, int(round(2.0 / spacing)))) if pect.any() else None
+        avoid = pect_avoid if view == "MLO" else None
         att, label, clusters = inject_mcs(
             att, breast, spacing, rng_mc, n_clusters=n_clusters, avoid=avoid, gain=1.0, margin_mm=3.0
         )
@@ -1092,7 +1107,8 @@ def make_phantom(
     nipple_out = [nipple[0], _col(nipple[1])]
 
     # ---- traps in the final orientation ---------------------------------------------------
-    trap_info: dict[str, Any] = {"vessel_crossings": [[(cy + 0.5) * f - 0.5, _col((cx + 0.5) * f - 0.5)] for cy, cx in crossings_c]}
+    crossings = [[(cy + 0.5) * f - 0.5, _col((cx + 0.5) * f - 0.5)] for cy, cx in crossings_c]
+    trap_info: dict[str, Any] = {"vessel_crossings": crossings}
     image = np.ascontiguousarray(image)
     if traps:
         # isolated noise spikes (single bright pixels, not blurred by the PSF)
@@ -1497,7 +1513,9 @@ def make_dataset(
         rle = bool(rng.random() < 0.2)
         imager = bool(rng.random() < 0.5)
         mcs = bool(with_mcs and rng.random() >= negative_fraction)
-        ph = make_phantom(shape=shape, spacing=spacing, view=view, laterality=lat, seed=case_seed, with_mcs=mcs, traps=traps)
+        ph = make_phantom(
+            shape=shape, spacing=spacing, view=view, laterality=lat, seed=case_seed, with_mcs=mcs, traps=traps
+        )
         name = f"case_{i:0{width}d}"
         pid = f"MCREF{int(seed) % 100000:05d}{i:0{width}d}"
         write_mg_dicom(

@@ -132,3 +132,56 @@ def count_parameters(net: torch.nn.Module) -> int:
     return int(sum(p.numel() for p in net.parameters() if p.requires_grad))
 
 
+
+
+def prepare_png_negatives(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    spacing: float = 0.1,
+    laterality_from_name: bool = True,
+) -> str:
+    """Convert a folder of calcification-free 8/16-bit PNG mammograms into MG DICOMs + a datalist.
+
+    The DICOMs carry the given pixel spacing so that they can be mixed with other data in one
+    training set (PNG files carry no spacing). Values are scaled to 14 bits. Views and laterality
+    are read from names such as ``L-CC.png`` when ``laterality_from_name``.
+
+    Args:
+        src_dir: folder of PNG files (e.g. the NYU negatives named in docs/data_license.txt).
+        out_dir: destination folder.
+        spacing: pixel spacing of the PNGs in mm.
+        laterality_from_name: parse ``L``/``R`` and ``CC``/``MLO`` from the file names.
+
+    Returns:
+        Path of the written ``datalist.json`` (all cases in ``training``).
+    """
+    from PIL import Image
+
+    from bundle.data import chest_wall_on_right
+    from bundle.phantom import write_mg_dicom
+
+    src, out = Path(src_dir), Path(out_dir)
+    files = sorted(p for p in src.glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"{src}: no PNG files")
+    out.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, f in enumerate(files):
+        arr = np.asarray(Image.open(f))
+        if arr.ndim != 2:
+            raise ValueError(f"{f}: expected a grey-level PNG, got shape {arr.shape}")
+        scale = 16383.0 / (255.0 if arr.dtype == np.uint8 else 65535.0)
+        pix = np.clip(np.round(arr.astype(np.float64) * scale), 0, 16383).astype(np.uint16)
+        name = f.stem.upper()
+        lat = "R" if laterality_from_name and name.startswith("R") else "L"
+        view = "MLO" if laterality_from_name and "MLO" in name else "CC"
+        # presentation convention: a right breast has its chest wall on the right. Some
+        # exports store every view with the chest wall on the left: mirror those.
+        if chest_wall_on_right(pix, method="intensity") != (lat == "R"):
+            pix = np.ascontiguousarray(pix[:, ::-1])
+        dst = out / f"{f.stem}.dcm"
+        write_mg_dicom(dst, pix, spacing=spacing, laterality=lat, view=view, seed=i, patient_id="NEGATIVE")
+        items.append({"image": dst.name})
+    dl = out / "datalist.json"
+    dl.write_text(json.dumps({"training": items, "validation": [], "test": []}, indent=2))
+    return str(dl)

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from bundle.phantom import MAX_VALUE_14BIT, MC_SHAPES, inject_mcs, make_dataset, make_phantom, mc_profile, write_mg_dicom
+from bundle.phantom import (
+    MAX_VALUE_14BIT,
+    MC_SHAPES,
+    inject_mcs,
+    make_dataset,
+    make_phantom,
+    mc_profile,
+    write_mg_dicom,
+)
 
 SMALL = (384, 320)
 SPACING = 0.1
@@ -168,7 +176,9 @@ def test_inject_mcs_contrast_model() -> None:
     assert cl3 == [] and lab3.sum() == 0 and np.array_equal(out3, img)
 
 
-@pytest.mark.parametrize("photometric,rle", [("MONOCHROME2", False), ("MONOCHROME1", False), ("MONOCHROME1", True), ("MONOCHROME2", True)])
+@pytest.mark.parametrize(
+    "photometric,rle", [("MONOCHROME2", False), ("MONOCHROME1", False), ("MONOCHROME1", True), ("MONOCHROME2", True)]
+)
 def test_dicom_round_trip(tmp_path: Path, photometric: str, rle: bool) -> None:
     pydicom = pytest.importorskip("pydicom")
     ph = make_phantom(shape=(256, 208), spacing=0.14, view="MLO", laterality="R", seed=2)
@@ -317,3 +327,12 @@ def test_make_injected_negatives_cli(tmp_path: Path) -> None:
     assert np.all(breast[lab > 0])
     cases = json.loads((out / "cases.json").read_text())
     assert cases[0]["flipped"] is True
+
+
+def test_mlo_mcs_outside_pectoral() -> None:
+    ph = make_phantom(shape=(320, 256), spacing=0.2, view="MLO", laterality="L", seed=6, n_clusters=(3, 3))
+    pec = ph["info"]["pectoral"]
+    rows, cols = np.nonzero(ph["label"])
+    assert rows.size > 0
+    # the muscle lies in the top-left triangle (border straight to slightly convex)
+    assert np.all(cols / pec["width_px"] + rows / pec["height_px"] > 0.95)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["BundleError", "resolve_bundle", "default_bundle_path", "bundle_parser", "bundle_loader", "bundle_version"]
+__all__ = ["BundleError", "resolve_bundle", "default_bundle_path", "find_bundle_in", "bundle_parser", "bundle_loader", "bundle_version"]
 
 logger = logging.getLogger("mcref.deploy")
 
@@ -30,11 +30,45 @@ class BundleError(RuntimeError):
 
 
 def default_bundle_path() -> Path:
-    """``$MCREF_BUNDLE_PATH`` when set, else the repository this app sits in (its bundle root)."""
+    """Where the bundle is when ``--bundle`` is not given.
+
+    ``$MCREF_BUNDLE_PATH`` when set; else, inside a MONAI Application Package, the bundle folder or
+    archive found under ``$HOLOSCAN_MODEL_PATH`` (``monai-deploy package -m BUNDLE``); else the
+    repository this app sits in (its root is the bundle root).
+    """
     env = os.environ.get("MCREF_BUNDLE_PATH", "").strip()
     if env:
         return Path(env)
+    models = os.environ.get("HOLOSCAN_MODEL_PATH", "").strip()
+    if models and Path(models).exists():
+        found = find_bundle_in(Path(models))
+        if found is not None:
+            return found
     return Path(__file__).resolve().parents[2]
+
+
+def find_bundle_in(folder: Path, depth: int = 3) -> Path | None:
+    """A bundle root folder or a ``.zip`` archive at most ``depth`` levels below ``folder``.
+
+    Args:
+        folder: where to look (a file is returned as is when it is a zip archive).
+        depth: how many folder levels to descend.
+    """
+    if folder.is_file():
+        return folder if zipfile.is_zipfile(folder) else None
+    if _is_bundle_root(folder):
+        return folder
+    if depth <= 0 or not folder.is_dir():
+        return None
+    for child in sorted(folder.iterdir()):
+        if child.is_file() and child.suffix.lower() == ".zip" and zipfile.is_zipfile(child):
+            return child
+    for child in sorted(folder.iterdir()):
+        if child.is_dir():
+            found = find_bundle_in(child, depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def _is_bundle_root(p: Path) -> bool:
