@@ -121,3 +121,59 @@ def test_two_iteration_training_through_the_bundle_config(tmp_path):
     assert len(rows) == 1 and "dice" in rows[0]
     recipe = json.loads((tmp_path / "data" / "recipe.json").read_text())
     assert recipe["n_cases"] == 3
+
+
+@pytest.mark.slow
+def test_evaluate_config_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
+    """configs/evaluate.json on two held-out phantoms, tracked by a real server, read back."""
+    import os
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from bundle.networks import SegAINet
+
+    ckpt = ROOT / "models" / "model.pt"
+    if not ckpt.exists():  # a fresh checkout always has it; this keeps the test meaningful without
+        torch.manual_seed(0)
+        ckpt = tmp_path / "model.pt"
+        torch.save(SegAINet().state_dict(), ckpt)
+    out = tmp_path / "eval"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
+           "--dataset_dir", str(tmp_path / "heldout"), "--n_cases", "2", "--phantom_shape", "[512, 416]",
+           "--output_dir", str(out), "--ckpt_path", str(ckpt), "--experiment_name", "mcref_test_eval"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    rows = list(csv.DictReader(open(out / "segai" / "per_case.csv")))
+    assert len(rows) == 2
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("mcref_test_eval")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    m = run.data.metrics
+    for name in ("dice", "sensitivity", "ppv", "activation_rate", "true_activation_rate", "object_detection_rate"):
+        assert name in m, sorted(m)
+    # the logged averages are the means of the per-case rows
+    for name in ("dice", "activation_rate", "true_activation_rate"):
+        vals = [float(r[name]) for r in rows if r[name] not in ("", "nan")]
+        assert m[name] == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+    assert run.data.params["method"] == "segai"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_case.csv", "config.json"} <= arts, arts
+    cfg = json.loads(open(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read())
+    assert cfg["n_cases"] == 2 and cfg["experiment_name"] == "mcref_test_eval"
+
+
+def test_metadata_and_network_shapes_verify_offline():
+    """verify_metadata against the schema copy shipped in docs/, and verify_net_in_out."""
+    for args in (
+        ["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "docs/monai_meta_schema_20240725.json"],
+        ["verify_net_in_out", "--net_id", "network_def", "--meta_file", "configs/metadata.json",
+         "--config_file", "configs/inference.json"],
+    ):
+        p = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        text = p.stdout + p.stderr
+        assert p.returncode == 0, text[-3000:]
+        assert "verified with no error" in text

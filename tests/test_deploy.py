@@ -112,7 +112,8 @@ def deployed(tmp_path_factory) -> dict:
         (inp / f.name).write_bytes(f.read_bytes())
     bad = write_bad_inputs(inp, left)
     out = tmp / "out"
-    app = run([sys.executable, "-m", "deploy.mcref_app", "-i", str(inp), "-o", str(out), "--bundle", str(archive)])
+    app = run([sys.executable, "-m", "deploy.mcref_app", "-i", str(inp), "-o", str(out), "--bundle", str(archive),
+               "-w", str(tmp / "work")])
     ref = tmp / "ref"
     run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
          "--dataset_dir", str(good), "--output_dir", str(ref), "--ckpt_path", str(ckpt), "--refiner", "$None"])
