@@ -238,12 +238,14 @@ class MammogramInference:
                 row.update(self.write_case(stem, d, f))
                 row["status"] = "ok"
                 row["error"] = ""
-            except MammogramError as e:
-                row.update(status="failed", error=str(e))
-                logger.error("case %s failed: %s", stem, e)
             except Exception as e:  # keep the batch alive, but say what broke
-                row.update(status="failed", error=f"{f}: {type(e).__name__}: {e}")
-                logger.exception("case %s failed", stem)
+                cause = _input_problem(e, MammogramError)
+                if cause is not None:
+                    row.update(status="failed", error=str(cause))
+                    logger.error("case %s failed: %s", stem, cause)
+                else:
+                    row.update(status="failed", error=f"{f}: {type(e).__name__}: {e}")
+                    logger.exception("case %s failed", stem)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             self.rows.append(row)
         write_csv_atomic(self.rows, self.output_dir / "summary.csv")
@@ -253,6 +255,19 @@ class MammogramInference:
             if r["status"] != "ok":
                 logger.warning("FAILED %s: %s", r["case"], r["error"])
         return self.rows
+
+
+def _input_problem(exc: BaseException, kind: type) -> BaseException | None:
+    """The first exception of type ``kind`` in the cause/context chain of ``exc`` (MONAI's
+    Compose wraps transform errors in ``RuntimeError: applying transform ...``)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _stem(path: Path) -> str:

@@ -48,7 +48,7 @@ def test_inference_outputs_follow_the_contract(phantom_dir, tmp_path):
     (phantom_dir / "broken.dcm").write_bytes(b"DICM but not really a DICOM file")
     before = {p.name: p.read_bytes() for p in phantom_dir.iterdir() if p.is_file()}
     bundle_run("--config_file", "configs/inference.json", "--dataset_dir", str(phantom_dir), "--output_dir", str(out),
-               "--refiner", "None")
+               "--refine", "False")
     rows = {r["case"]: r for r in read_summary(out)}
     assert rows["broken"]["status"] == "failed" and "broken.dcm" in rows["broken"]["error"]
     dicoms = sorted(p for p in phantom_dir.glob("case_*.dcm"))
@@ -90,7 +90,7 @@ def test_right_monochrome1_maps_index_like_the_pixel_array(tmp_path):
     assert px[r0, c0] < px.max()
     out = tmp_path / "out"
     bundle_run("--config_file", "configs/inference.json", "--dataset_dir", str(inp), "--output_dir", str(out),
-               "--refiner", "None", "--network", "$torch.nn.Identity()", "--threshold", "0.99")
+               "--refine", "False", "--network", "$torch.nn.Identity()", "--threshold", "0.99")
     prob = read_nii(out / "right" / "right_prob.nii.gz")
     assert prob.shape == px.shape
     r, c = np.unravel_index(np.argmax(prob), prob.shape)

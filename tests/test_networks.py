@@ -1,0 +1,83 @@
+"""SegAI network and training helpers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bundle.networks import SegAINet
+from bundle.training import MakeSamplingMapd, prepare_png_negatives
+
+
+def test_segai_starts_at_the_prior_and_keeps_shape():
+    torch.manual_seed(0)
+    net = SegAINet(prior=0.01).eval()
+    with torch.no_grad():
+        y = net(torch.rand(2, 1, 64, 48))
+    assert y.shape == (2, 1, 64, 48)
+    # the background starts clearly negative: almost no pixel is positive before training
+    assert float((y > 0).float().mean()) < 0.01
+    assert abs(float(torch.sigmoid(y).mean()) - 0.01) < 0.02
+    with pytest.raises(ValueError):
+        SegAINet(prior=1.0)
+
+
+def test_segai_learns_a_bright_dot_in_few_steps():
+    torch.manual_seed(0)
+    net = SegAINet(channels=(8, 16, 32), strides=(2, 2))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    x = torch.rand(8, 1, 32, 32) * 0.3
+    y = torch.zeros_like(x)
+    for i in range(8):
+        r, c = 4 + 3 * i, 28 - 3 * i
+        x[i, 0, r - 1 : r + 2, c - 1 : c + 2] += 0.6
+        y[i, 0, r - 1 : r + 2, c - 1 : c + 2] = 1
+    from monai.losses import DiceFocalLoss
+
+    loss = DiceFocalLoss(sigmoid=True, batch=True, lambda_focal=10.0)
+    for _ in range(25):
+        out = net(x)
+        l_ = loss(out, y)
+        opt.zero_grad()
+        l_.backward()
+        opt.step()
+    pred = net(x) > 0
+    tp = (pred & (y > 0)).sum().item()
+    assert tp / y.sum().item() > 0.8 and pred.sum().item() < 3 * y.sum().item()
+
+
+def test_sampling_map_classes():
+    label = torch.zeros(1, 20, 20)
+    label[0, 10, 10] = 1
+    breast = torch.zeros(1, 20, 20)
+    breast[:, :, :15] = 1
+    d = MakeSamplingMapd(keys="label", dilation=1)({"label": label, "breast": breast})
+    m = d["sampling"]
+    assert int(m[0, 10, 10]) == 2 and int(m[0, 9, 11]) == 2 and int(m[0, 10, 12]) == 1
+    assert int(m[0, 0, 18]) == 0 and int(m[0, 0, 0]) == 1
+
+
+def test_png_negatives_follow_the_presentation_convention(tmp_path):
+    """A right view stored with its chest wall on the left is mirrored in the DICOM."""
+    import pydicom
+
+    img = np.zeros((200, 160), np.uint8)
+    yy, xx = np.mgrid[:200, :160]
+    img[((yy - 100) / 90.0) ** 2 + (xx / 120.0) ** 2 < 1] = 150  # chest wall at column 0
+    src = tmp_path / "png"
+    src.mkdir()
+    Image.fromarray(img).save(src / "R-CC.png")
+    Image.fromarray(img).save(src / "L-CC.png")
+    dl = prepare_png_negatives(src, tmp_path / "out", spacing=0.1)
+    items = json.loads(open(dl).read())["training"]
+    assert len(items) == 2
+    r = pydicom.dcmread(tmp_path / "out" / "R-CC.dcm")
+    left = pydicom.dcmread(tmp_path / "out" / "L-CC.dcm")
+    assert r.ImageLaterality == "R" and float(r.PixelSpacing[0]) == pytest.approx(0.1)
+    pr, pl = r.pixel_array.astype(float), left.pixel_array.astype(float)
+    assert pr[:, -20:].mean() > pr[:, :20].mean()  # right breast: chest wall on the right
+    assert pl[:, :20].mean() > pl[:, -20:].mean()
+    assert math.isclose(pr.max(), 150 * 16383 / 255, rel_tol=0.01)
