@@ -825,6 +825,23 @@ def edge_weights(image: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch
     return torch.exp(-gx / sigma), torch.exp(-gy / sigma)
 
 
+def _tile_index(tiles: Sequence[tuple[slice, slice]], shape: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """Flat canvas indices ``(N, th * tw)`` of the pixels of every tile.
+
+    Args:
+        tiles: ``(row_slice, col_slice)`` per tile (all of the same size).
+        shape: canvas shape.
+        device: tensor device.
+    """
+    rs0, cs0 = tiles[0]
+    th, tw = rs0.stop - rs0.start, cs0.stop - cs0.start
+    r0 = torch.tensor([rs.start for rs, _ in tiles], device=device).view(-1, 1, 1)
+    c0 = torch.tensor([cs.start for _, cs in tiles], device=device).view(-1, 1, 1)
+    rows = r0 + torch.arange(th, device=device).view(1, -1, 1)
+    cols = c0 + torch.arange(tw, device=device).view(1, 1, -1)
+    return (rows * shape[1] + cols).reshape(len(tiles), -1)
+
+
 def _place(values: torch.Tensor, tiles: Sequence[tuple[slice, slice]], shape: tuple[int, int]) -> torch.Tensor:
     """Sum tile values ``(N, 1, t, t)`` into a ``(1, 1, H, W)`` canvas (differentiable).
 
@@ -833,10 +850,9 @@ def _place(values: torch.Tensor, tiles: Sequence[tuple[slice, slice]], shape: tu
         tiles: ``(row_slice, col_slice)`` per tile.
         shape: canvas shape.
     """
-    canvas = values.new_zeros((1, 1, *shape))
-    for k, (rs, cs) in enumerate(tiles):
-        canvas[:, :, rs, cs] = canvas[:, :, rs, cs] + values[k : k + 1]
-    return canvas
+    idx = _tile_index(tiles, shape, values.device)
+    flat = values.new_zeros(shape[0] * shape[1]).index_add(0, idx.reshape(-1), values.reshape(-1))
+    return flat.view(1, 1, *shape)
 
 
 def _gather(canvas: torch.Tensor, tiles: Sequence[tuple[slice, slice]]) -> torch.Tensor:
@@ -846,7 +862,10 @@ def _gather(canvas: torch.Tensor, tiles: Sequence[tuple[slice, slice]]) -> torch
         canvas: the map.
         tiles: ``(row_slice, col_slice)`` per tile.
     """
-    return torch.cat([canvas[:, :, rs, cs] for rs, cs in tiles], dim=0)
+    rs0, cs0 = tiles[0]
+    th, tw = rs0.stop - rs0.start, cs0.stop - cs0.start
+    idx = _tile_index(tiles, tuple(canvas.shape[-2:]), canvas.device)
+    return canvas.reshape(-1)[idx].view(len(tiles), 1, th, tw)
 
 
 def tile_disagreement(z: torch.Tensor, tiles: Sequence[tuple[slice, slice]], shape: tuple[int, int]) -> float:
@@ -876,11 +895,13 @@ class TTGPRInferer(Inferer):
 
     1. seeds = local maxima (radius ``seed_radius``) of the overlap-averaged probability above
        ``seed_threshold`` inside the breast;
-    2. for tiles holding seeds, ``n_samples`` seed-consistent RF projections of the observed tile
-       (``generator.sample``, ``euler_steps`` Euler steps, layer restricted to ``restrict_radius``
-       pixels around the seeds); the frozen segmentor's mean sigmoid on them is the surrogate
-       target ``s_k`` (tiles without seeds: the segmentor on the observed tile), averaged with the
-       previous round's target with weight ``target_momentum``;
+    2. ``n_samples`` seed-consistent RF projections of the observed image, drawn once per round
+       (``generator.sample`` on the bounding box of each seed group grown by ``gen_margin``,
+       ``euler_steps`` Euler steps, layer restricted to ``restrict_radius`` pixels around the
+       seeds); for tiles holding seeds, the frozen segmentor's mean sigmoid on the projected
+       tiles (seen with a ``seg_margin`` border) is the surrogate target ``s_k`` (tiles without
+       seeds: the segmentor on the observed tile), averaged with the previous round's target
+       with weight ``target_momentum``;
     3. ``inner_steps`` gradient steps ``z <- z - step_size * dE_sum/dz`` (or Adam) on the
        per-pixel mean objective
 
@@ -921,6 +942,10 @@ class TTGPRInferer(Inferer):
         data_loss: ``"bce"`` or ``"dice"`` (soft Dice per tile).
         logit_clip: initial logits are clipped to ``[-logit_clip, logit_clip]``.
         tile_batch: tiles per network call.
+        gen_margin: the generator runs on the bounding boxes of seed groups grown by this many
+            pixels (its context), once per round for the whole image, not on every tile.
+        seg_margin: the segmentor sees each tile grown by this many pixels (cropped back), so
+            refinement tiles have the initializer's context at their borders.
         mask_output: multiply the result by the breast mask.
         return_init: return ``[refined, initial]`` channels.
         seed: seed of the RF sampling noise (reset at every call).
@@ -938,7 +963,7 @@ class TTGPRInferer(Inferer):
         optimizer: str = "gd",
         n_samples: int = 2,
         euler_steps: int = 4,
-        seed_threshold: float = 0.3,
+        seed_threshold: float = 0.15,
         seed_radius: int = 2,
         fire_threshold: float = 0.5,
         restrict_radius: int | None = 6,
@@ -952,6 +977,8 @@ class TTGPRInferer(Inferer):
         data_loss: str = "bce",
         logit_clip: float = 12.0,
         tile_batch: int = 8,
+        gen_margin: int = 24,
+        seg_margin: int = 32,
         mask_output: bool = True,
         return_init: bool = False,
         seed: int = 0,
@@ -979,6 +1006,8 @@ class TTGPRInferer(Inferer):
         self.data_loss = data_loss
         self.logit_clip = float(logit_clip)
         self.tile_batch = max(1, int(tile_batch))
+        self.gen_margin = int(gen_margin)
+        self.seg_margin = int(seg_margin)
         self.mask_output, self.return_init = mask_output, return_init
         self.seed = int(seed)
         self.history: list[dict[str, float]] = []
@@ -1036,6 +1065,40 @@ class TTGPRInferer(Inferer):
                 y = network(x[i : i + self.tile_batch])
                 outs.append(_plain(y).to(x.device)[:, :1])
         return torch.cat(outs, 0)
+
+    def _tile_logits(
+        self, network: Callable[..., torch.Tensor], canvas: torch.Tensor, tiles: Sequence[tuple[slice, slice]]
+    ) -> torch.Tensor:
+        """Segmentor logits of the tiles of ``canvas`` ``(1, 1, H, W)``, each computed on the tile
+        grown by ``seg_margin`` pixels (replicate-padded at the image border) and cropped back, so
+        that tile borders see the same context as the initializer's larger tiles."""
+        m = self.seg_margin
+        if m <= 0:
+            return self._seg_logits(network, _gather(canvas, tiles))
+        padded = F.pad(canvas, (m, m, m, m), mode="replicate")
+        grown = [(slice(rs.start, rs.stop + 2 * m), slice(cs.start, cs.stop + 2 * m)) for rs, cs in tiles]
+        return self._seg_logits(network, _gather(padded, grown))[..., m:-m, m:-m]
+
+    def _project_canvas(self, xp: torch.Tensor, seeds: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``n_samples`` RF projections ``(S, 1, H, W)`` of the whole (padded) image, drawn once.
+
+        Seeds are grouped into connected groups of their ``gen_margin`` neighbourhoods; the
+        generator runs once per group on the group's bounding box (its context), conditioned on
+        that group's seeds only, and the sampled MC layers are added to the observation. Tiles
+        then crop the same projection, so overlapping tiles see the same sample.
+        """
+        assert self.generator is not None
+        s_np = seeds[0, 0].cpu().numpy() > 0
+        grown = ndimage.binary_dilation(s_np, structure=np.ones((3, 3), bool), iterations=max(self.gen_margin, 1))
+        groups, n = ndimage.label(grown)
+        layer = xp.new_zeros((self.n_samples, 1, *xp.shape[-2:]))
+        for g, sl in enumerate(ndimage.find_objects(groups), start=1):
+            own = torch.from_numpy(groups[sl] == g).to(xp.device)
+            pts = seeds[..., sl[0], sl[1]] * own
+            ctx = xp[..., sl[0], sl[1]]
+            win = self.generator.sample(ctx, pts, self.euler_steps, self.n_samples, gen, self.restrict_radius)[0]
+            layer[..., sl[0], sl[1]] += win - ctx
+        return xp + layer
 
     def _objective(
         self,
@@ -1122,7 +1185,7 @@ class TTGPRInferer(Inferer):
             return p0
         gen = torch.Generator().manual_seed(self.seed)
         X = _gather(xp, tiles)
-        z0 = self._seg_logits(network, X).clamp(-self.logit_clip, self.logit_clip)
+        z0 = self._tile_logits(network, xp, tiles).clamp(-self.logit_clip, self.logit_clip)
         s_obs = torch.sigmoid(z0)
         wx, wy = edge_weights(X, self.edge_sigma)
         count = _place(torch.ones_like(z0), tiles, shape)
@@ -1137,17 +1200,17 @@ class TTGPRInferer(Inferer):
             with torch.no_grad():
                 pc = _place(torch.sigmoid(z), tiles, shape) / count
                 cur = torch.where(covered, pc, p0p)
-                seeds = _gather(extract_seeds(cur, self.seed_threshold, self.seed_radius, bmp).float(), tiles)
+                seed_canvas = extract_seeds(cur, self.seed_threshold, self.seed_radius, bmp).float() * covered
+                seeds = _gather(seed_canvas, tiles)
                 surrogate = s_obs.clone()
                 with_seed = torch.nonzero(seeds.flatten(1).any(1)).flatten()
                 if self.generator is not None and with_seed.numel() > 0:
-                    for i in range(0, with_seed.numel(), self.tile_batch):
-                        idx = with_seed[i : i + self.tile_batch]
-                        proj = self.generator.sample(
-                            X[idx], seeds[idx], self.euler_steps, self.n_samples, gen, self.restrict_radius
-                        )
-                        logits = self._seg_logits(network, proj.reshape(-1, 1, t, t))
-                        surrogate[idx] = torch.sigmoid(logits).reshape(idx.numel(), self.n_samples, 1, t, t).mean(1)
+                    proj = self._project_canvas(xp, seed_canvas, gen)
+                    sel = [tiles[k] for k in with_seed.tolist()]
+                    acc = torch.zeros_like(surrogate[with_seed])
+                    for j in range(self.n_samples):
+                        acc += torch.sigmoid(self._tile_logits(network, proj[j : j + 1], sel))
+                    surrogate[with_seed] = acc / self.n_samples
                 rho = self.target_momentum
                 target = surrogate if target is None else (1.0 - rho) * target + rho * surrogate
             with torch.enable_grad():
@@ -1499,7 +1562,7 @@ def heldout_eval(
     res = evaluate_injected(images, net, inferer, inject_seed, crop, crops_per_image, threshold, inject_kwargs)
     res.update(
         tag=tag, phantom_seed=int(phantom_seed), inject_seed=int(inject_seed), n_images=len(images),
-        ttgpr={k: v for k, v in kw.items() if k != "init_inferer"}, rflow=str(rflow_ckpt_path or ""),
+        ttgpr_params={k: v for k, v in kw.items() if k != "init_inferer"}, rflow=str(rflow_ckpt_path or ""),
     )
     with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(res) + "\n")
