@@ -35,6 +35,7 @@ __all__ = [
     "RandInpaintMaskd",
     "InpaintingLoss",
     "inpaint_tiles",
+    "smooth_fill",
     "tile_starts",
 ]
 
@@ -162,6 +163,40 @@ class MaskAwareSwinBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def smooth_fill(x: torch.Tensor, hole: torch.Tensor, max_levels: int = 12) -> torch.Tensor:
+    """Fill ``hole`` with a smooth interpolation of the known pixels (push-pull pyramid).
+
+    Known pixels and their weights are averaged 2 x 2 level by level ("push") until every
+    coarse pixel has support; going back up ("pull"), each level keeps its own
+    normalised average where it has known support and takes the upsampled coarser fill
+    elsewhere. Small holes get the mean of their rim, large ones a smooth membrane-like
+    fill. No parameters; differentiable; known pixels are returned unchanged.
+
+    Args:
+        x: ``(B, C, H, W)`` image.
+        hole: ``(B, 1, H, W)``, > 0.5 = unknown.
+        max_levels: pyramid levels at most.
+
+    Returns:
+        ``(B, C, H, W)`` image equal to ``x`` outside the hole.
+    """
+    known = (hole <= 0.5).to(x.dtype)
+    vals, wts = [x * known], [known]
+    for _ in range(max_levels):
+        if bool((wts[-1] > 0).all()) or min(vals[-1].shape[-2:]) < 2:
+            break
+        vals.append(F.avg_pool2d(vals[-1], 2, ceil_mode=True))
+        wts.append(F.avg_pool2d(wts[-1], 2, ceil_mode=True))
+    level = vals[-1] / wts[-1].clamp_min(1e-8)
+    if not bool((wts[-1] > 0).all()):  # no known pixel at all in some image: use its known mean (0 if none)
+        mean = (x * known).flatten(2).sum(-1) / known.flatten(2).sum(-1).clamp_min(1.0)
+        level = torch.where(wts[-1] > 0, level, mean[..., None, None].expand_as(level))
+    for v, w in zip(reversed(vals[:-1]), reversed(wts[:-1])):
+        up = F.interpolate(level, size=v.shape[-2:], mode="bilinear", align_corners=False)
+        level = torch.where(w > 0, v / w.clamp_min(1e-8), up)
+    return torch.where(hole > 0.5, level, x)
+
+
 def _grow(valid: torch.Tensor) -> torch.Tensor:
     """Mask update: dilate a (B, H, W) bool token mask by one token (3 x 3)."""
     return F.max_pool2d(valid[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0.5
@@ -180,7 +215,10 @@ class MaskAwareInpainter(nn.Module):
 
     The network never sees the pixel values inside the hole (they are set to 0 before the
     head), and the output keeps the known pixels exactly:
-    ``out = where(hole, prediction, image)``.
+    ``out = where(hole, prediction, image)``. With ``residual_fill`` the hole is first filled
+    by :func:`smooth_fill` (an extra input channel) and the network predicts only the texture
+    on top of that fill (the last layer starts at zero, so an untrained network already gives
+    a smooth interpolation and training adds what interpolation cannot).
 
     Input ``H``, ``W`` should be multiples of ``patch_size * window_size`` (32 by default;
     then no compute is spent on padding when the deeper token grids also fill whole
@@ -199,6 +237,7 @@ class MaskAwareInpainter(nn.Module):
         mlp_ratio: MLP hidden size relative to the token size.
         head_channels: channels of the full-resolution conv head/refinement
             (default ``embed_dim // 2``).
+        residual_fill: predict a residual over :func:`smooth_fill` (see above).
     """
 
     def __init__(
@@ -211,8 +250,10 @@ class MaskAwareInpainter(nn.Module):
         patch_size: int = 4,
         mlp_ratio: float = 4.0,
         head_channels: int | None = None,
+        residual_fill: bool = True,
     ) -> None:
         super().__init__()
+        self.residual_fill = bool(residual_fill)
         if len(depths) != len(num_heads) or len(depths) == 0:
             raise ValueError("depths and num_heads must be non-empty and of equal length.")
         self.in_channels = in_channels
@@ -222,7 +263,10 @@ class MaskAwareInpainter(nn.Module):
         c0 = head_channels or max(embed_dim // 2, 8)
         dims = [embed_dim * 2**i for i in range(self.n_stages)]
         self.head = nn.Sequential(
-            nn.Conv2d(in_channels + 1, c0, 3, padding=1), nn.GELU(), nn.Conv2d(c0, c0, 3, padding=1), nn.GELU()
+            nn.Conv2d(in_channels * (2 if self.residual_fill else 1) + 1, c0, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(c0, c0, 3, padding=1),
+            nn.GELU(),
         )
         self.stem = nn.Conv2d(c0, dims[0], patch_size, stride=patch_size)
         self.stem_norm = nn.LayerNorm(dims[0])
@@ -251,6 +295,9 @@ class MaskAwareInpainter(nn.Module):
             nn.Conv2d(c0, in_channels, 3, padding=1),
         )
         self.apply(self._init_weights)
+        if self.residual_fill:
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -293,7 +340,8 @@ class MaskAwareInpainter(nn.Module):
             hole_p = F.pad(holef, (0, pw, 0, ph), mode="replicate")
         else:
             xm_p, hole_p = xm, holef
-        f0 = self.head(torch.cat([xm_p, hole_p], dim=1))
+        fill = smooth_fill(xm_p, hole_p) if self.residual_fill else None
+        f0 = self.head(torch.cat([xm_p, hole_p] if fill is None else [xm_p, hole_p, fill], dim=1))
         t = self.stem(f0).permute(0, 2, 3, 1)  # (B, h, w, C)
         t = self.stem_norm(t)
         valid = F.max_pool2d(1.0 - hole_p, self.patch_size)[:, 0] > 0.5  # patch holds a known pixel
@@ -311,7 +359,10 @@ class MaskAwareInpainter(nn.Module):
             y = self.ups[i](y)
             y = self.fuses[i](torch.cat([y, skips[i].permute(0, 3, 1, 2)], dim=1))
         y = self.to_pixels(y)
-        pred = self.refine(torch.cat([y, f0], dim=1))[..., :h, :w]
+        pred = self.refine(torch.cat([y, f0], dim=1))
+        if fill is not None:
+            pred = pred + fill
+        pred = pred[..., :h, :w]
         if not composite:
             return pred
         return torch.where(hole_b, pred, x)

@@ -96,6 +96,9 @@ METHOD_NEEDS: dict[str, tuple[str, ...]] = {
     "segai+classical": ("segai",),
     "segai+genai": ("segai", "inpainter"),
     "grid_genai": ("inpainter",),
+    # MC-GenRef (bundle.mcgenref.build_study_methods): own segmentor, SegAI's map is not used
+    "mcgenref_init": (),
+    "mcgenref_ttgpr": (),
 }
 
 #: names used in the tables (the seed's notation).
@@ -108,12 +111,21 @@ METHOD_LABELS: dict[str, str] = {
     "segai+classical": "SegAI+R:Biharmonic",
     "segai+genai": "SegAI+R:GenAI",
     "grid_genai": "Grid-mask GenAI (no SegAI mask)",
+    "mcgenref_init": "MC-GenRef init (synthetic-only)",
+    "mcgenref_ttgpr": "MC-GenRef TT-GPR",
 }
 
 #: per-image metrics of Table 1 (and 2), in column order.
 TABLE1_METRICS: tuple[str, ...] = ("sensitivity", "ppv", "dice", "activation_rate", "true_activation_rate")
 #: Table 1 metrics that get a paired test (the true activation rate does not depend on the method).
 TESTED_METRICS: tuple[str, ...] = ("sensitivity", "ppv", "dice", "activation_rate")
+#: per-image metrics of Table 4 (the MC-GenRef paper's columns), in column order.
+TABLE4_METRICS: tuple[str, ...] = ("dice", "sensitivity", "fnr", "balanced_accuracy", "g_mean")
+TABLE4_HEADERS: dict[str, str] = {
+    "dice": "Dice", "sensitivity": "Recall", "fnr": "FNR", "balanced_accuracy": "Bal. Acc.", "g_mean": "G-Mean",
+}
+#: (method, baseline) pairs whose Table 4 rows get paired p-values when both ran.
+TABLE4_PAIRS: tuple[tuple[str, str], ...] = (("mcgenref_ttgpr", "mcgenref_init"), ("segai+genai", "segai"))
 
 FILTERS: dict[str, str] = {
     "a": "all objects <= x px (Fig. 6a)",
@@ -1613,6 +1625,22 @@ class MCStudy:
                     r[f"p_{k}"] = "ref" if m == ref else format_p(pvals[m].get(k, NAN))
             table1.append(r)
 
+        # Table 4: class-balanced metrics (MC-GenRef's columns), p vs each method's own baseline
+        table4: list[dict[str, Any]] = []
+        base_of = {a: b for a, b in TABLE4_PAIRS if a in methods and b in methods}
+        for m in methods:
+            r = {"method": METHOD_LABELS.get(m, m), "n": int(metrics[m]["n_cases"])}
+            for k in TABLE4_METRICS:
+                if k not in metrics[m]:
+                    v = per_case(m, k)
+                    lo, hi = bootstrap_ci(v, indices=idx, confidence=s.confidence)
+                    metrics[m].update({k: float(_nanmean(v)) if np.any(np.isfinite(v)) else NAN, f"{k}_ci_lo": lo, f"{k}_ci_hi": hi})
+                r[k] = format_ci(metrics[m][k], metrics[m][f"{k}_ci_lo"], metrics[m][f"{k}_ci_hi"], 100.0, 1)
+                b = base_of.get(m)
+                r[f"p_{k}"] = format_p(paired_wilcoxon(per_case(m, k), per_case(b, k))["p_value"]) if b else ""
+            r["vs"] = METHOD_LABELS.get(base_of[m], base_of[m]) if m in base_of else ""
+            table4.append(r)
+
         # Table 2: with vs without the SegAI mask
         table2: list[dict[str, Any]] = []
         t2 = [m for m in self.table2_methods if m in methods]
@@ -1750,6 +1778,7 @@ class MCStudy:
             "reference": ref,
             "table1": table1,
             "table2": table2,
+            "table4": table4,
             "table2_methods": t2,
             "table3": table3,
             "specificity_row": spec_row,
@@ -1905,6 +1934,22 @@ class MCStudy:
         links = [f"[fig6{f}]({_rel(r['files'][f'fig6{f}'], self.results_md)})" for f in FILTERS]
         lines.append("Curves (Fig. 6): " + ", ".join(links))
         lines.append("")
+        lines.append("### Table 4: class-balanced pixel metrics (MC-GenRef's columns; percent, mean over images [95 % CI])")
+        lines.append("")
+        lines.append(
+            "Recall = sensitivity, FNR = 1 - recall, specificity counted inside the breast, "
+            "Bal. Acc. = (recall + specificity) / 2, G-Mean = sqrt(recall x specificity); recall-based "
+            "columns average over images with MCs. p: paired Wilcoxon test against the method named in `vs`."
+        )
+        lines.append("")
+        cols4, heads4 = ["method", "n"], ["method", "n"]
+        for k in TABLE4_METRICS:
+            cols4 += [k, f"p_{k}"]
+            heads4 += [TABLE4_HEADERS[k], "p"]
+        cols4.append("vs")
+        heads4.append("vs")
+        lines.append(markdown_table(r["table4"], cols4, headers=heads4) if r.get("table4") else "(no method ran)\n")
+        lines.append("")
         lines.append(
             f"### Cluster FROC (clusters: >= {s.cluster_min_count} MCs, single linkage {s.cluster_link_mm:g} mm; "
             f"a truth cluster is detected when one predicted cluster hits >= {s.cluster_min_hit_mcs} of its MCs)"
@@ -1966,6 +2011,9 @@ class MCStudy:
         parts.append(_html_table(r["table1"], cols))
         parts.append("<h2>Table 2: with vs without the SegAI mask</h2>")
         parts.append(_html_table(r["table2"], cols) if r["table2"] else "<p>not available</p>")
+        cols4 = ["method", "n"] + [c for k in TABLE4_METRICS for c in (k, f"p_{k}")] + ["vs"]
+        parts.append("<h2>Table 4: class-balanced pixel metrics (percent [95 % CI])</h2>")
+        parts.append(_html_table(r.get("table4", []), cols4))
         mcols = [lab.get(m, m) for m in r["methods"]]
         parts.append("<h2>Table 3: image-level detection by object size and density (percent [95 % CI])</h2>")
         for f, desc in FILTERS.items():

@@ -139,6 +139,7 @@ def prepare_png_negatives(
     out_dir: str | os.PathLike,
     spacing: float = 0.1,
     laterality_from_name: bool = True,
+    test_names: Sequence[str] = (),
 ) -> str:
     """Convert a folder of calcification-free 8/16-bit PNG mammograms into MG DICOMs + a datalist.
 
@@ -151,9 +152,11 @@ def prepare_png_negatives(
         out_dir: destination folder.
         spacing: pixel spacing of the PNGs in mm.
         laterality_from_name: parse ``L``/``R`` and ``CC``/``MLO`` from the file names.
+        test_names: file stems (case-insensitive, e.g. ``["R-MLO"]``) held out of training: they
+            go to the ``test`` list, so that no training step sees them.
 
     Returns:
-        Path of the written ``datalist.json`` (all cases in ``training``).
+        Path of the written ``datalist.json`` (``training`` = all files not in ``test_names``).
     """
     from PIL import Image
 
@@ -165,7 +168,11 @@ def prepare_png_negatives(
     if not files:
         raise FileNotFoundError(f"{src}: no PNG files")
     out.mkdir(parents=True, exist_ok=True)
-    items = []
+    held_out = {n.upper() for n in test_names}
+    unknown = held_out - {f.stem.upper() for f in files}
+    if unknown:
+        raise ValueError(f"{src}: test_names {sorted(unknown)} match no PNG file")
+    items, test_items = [], []
     for i, f in enumerate(files):
         arr = np.asarray(Image.open(f))
         if arr.ndim != 2:
@@ -181,7 +188,7 @@ def prepare_png_negatives(
             pix = np.ascontiguousarray(pix[:, ::-1])
         dst = out / f"{f.stem}.dcm"
         write_mg_dicom(dst, pix, spacing=spacing, laterality=lat, view=view, seed=i, patient_id="NEGATIVE")
-        items.append({"image": dst.name})
+        (test_items if name in held_out else items).append({"image": dst.name})
     dl = out / "datalist.json"
-    dl.write_text(json.dumps({"training": items, "validation": [], "test": []}, indent=2))
+    dl.write_text(json.dumps({"training": items, "validation": [], "test": test_items}, indent=2))
     return str(dl)

@@ -11,7 +11,10 @@ usage:
 
 Methods name config variants: ``segai`` (configs/inference.json with the refiner off),
 ``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``grid`` (grid-mask generative
-baseline), ``ttgpr`` (MC-GenRef initializer + TT-GPR) where those configs exist.
+baseline with the same inpainter, no SegAI mask), ``mcgenref_init`` (MC-GenRef's
+synthetic-only initializer alone) and ``ttgpr`` (initializer + TT-GPR). Every run after the
+first is also printed as a multiple of ``segai`` and ``ttgpr`` as a multiple of
+``mcgenref_init``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS: dict[str, tuple[list[str], dict]] = {
     "segai": (["configs/inference.json"], {"refiner": None}),
     "genai": (["configs/inference.json"], {}),
-    "grid": (["configs/inference.json", "configs/refine_grid.json"], {}),
-    "ttgpr": (["configs/inference_mcgenref.json"], {}),
+    "grid": (
+        ["configs/inference.json"],
+        {"refiner": "$bundle.refine.GridGenAIRefiner(net=@inpainter, grid=64, device=str(@device), "
+         "**{k: v for k, v in @genai_kwargs.items() if k in ('tile', 'overlap', 'batch_size')})"},
+    ),
+    "mcgenref_init": (["configs/inference.json", "configs/inference_mcgenref.json"], {"refiner": None}),
+    "ttgpr": (["configs/inference.json", "configs/inference_mcgenref.json"], {}),
 }
 
 
@@ -105,12 +113,13 @@ def main() -> int:
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
         results.append(r)
-        print(f"{m:>6}: {r['seconds_per_image']:7.2f} s/image  {r['megapixels_per_second']:6.3f} Mpx/s  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
-    base = next((r for r in results if r["method"] == "segai"), None)
-    if base:
-        for r in results:
-            if r is not base:
-                print(f"{r['method']:>6}: {r['seconds_per_image'] / base['seconds_per_image']:.2f} x SegAI alone")
+        print(f"{m:>13}: {r['seconds_per_image']:7.2f} s/image  {r['megapixels_per_second']:6.3f} Mpx/s  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    by = {r["method"]: r for r in results}
+    for r in results:
+        for ref, label in (("segai", "SegAI alone"), ("mcgenref_init", "the MC-GenRef initializer alone")):
+            if ref in by and r["method"] != ref and (ref == "segai" or r["method"] == "ttgpr"):
+                r[f"x_{ref}"] = round(r["seconds_per_image"] / by[ref]["seconds_per_image"], 2)
+                print(f"{r['method']:>13}: {r[f'x_{ref}']:.2f} x {label}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if len(results) == len(args.methods) else 1

@@ -12,6 +12,7 @@ from bundle.inpainting import (
     MaskAwareSwinBlock,
     RandInpaintMaskd,
     inpaint_tiles,
+    smooth_fill,
     random_inpaint_mask,
     tile_starts,
 )
@@ -134,7 +135,9 @@ def test_loss_terms() -> None:
     assert torch.allclose(loss(p, torch.cat([t, hole], 1)), loss(p, t, hole))
 
 
-def test_loss_decreases_on_smooth_patches() -> None:
+@pytest.mark.parametrize("residual_fill, factor", [(False, 0.5), (True, 0.9)])
+def test_loss_decreases_on_smooth_patches(residual_fill: bool, factor: float) -> None:
+    """Training lowers the loss; the residual net starts from the smooth fill, so less is left."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:32, 0:32] / 32.0
@@ -145,7 +148,9 @@ def test_loss_decreases_on_smooth_patches() -> None:
         holes.append(random_inpaint_mask((32, 32), rng, (0.1, 0.3)))
     x = torch.tensor(np.stack(imgs)[:, None], dtype=torch.float32)
     h = torch.tensor(np.stack(holes)[:, None], dtype=torch.float32)
-    net = _tiny_net().train()
+    net = MaskAwareInpainter(
+        embed_dim=16, depths=(1, 1), num_heads=(2, 2), window_size=4, patch_size=4, residual_fill=residual_fill
+    ).train()
     loss_fn = InpaintingLoss()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
@@ -155,7 +160,32 @@ def test_loss_decreases_on_smooth_patches() -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
+    assert np.mean(losses[-5:]) < factor * np.mean(losses[:3])
+
+
+def test_smooth_fill_keeps_known_pixels_and_interpolates() -> None:
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(48.0), indexing="ij")
+    img = (0.3 + 0.01 * xx + 0.005 * yy)[None, None]
+    hole = torch.zeros_like(img)
+    hole[..., 10:14, 20:23] = 1.0
+    out = smooth_fill(img, hole)
+    assert torch.equal(out[hole == 0], img[hole == 0])
+    assert float((out - img)[hole > 0].abs().max()) < 0.03  # a ramp is filled close to itself
+    const = torch.full_like(img, 2.5)
+    assert torch.allclose(smooth_fill(const, hole), const)
+    everything = torch.ones_like(img)  # no known pixel: finite, 0
+    assert torch.isfinite(smooth_fill(img, everything)).all()
+
+
+def test_untrained_residual_inpainter_is_the_smooth_fill() -> None:
+    torch.manual_seed(0)
+    net = MaskAwareInpainter(embed_dim=16, depths=(1,), num_heads=(2,), window_size=4, patch_size=4).eval()
+    assert net.residual_fill
+    x = torch.rand(2, 1, 32, 32)
+    h = torch.from_numpy(np.stack([random_inpaint_mask((32, 32), np.random.default_rng(i), (0.1, 0.3)) for i in range(2)]))
+    h = h[:, None].float()
+    with torch.no_grad():
+        assert torch.allclose(net(x, h), smooth_fill(x, h), atol=1e-6)
 
 
 class _CountingNet(torch.nn.Module):

@@ -81,3 +81,18 @@ def test_png_negatives_follow_the_presentation_convention(tmp_path):
     assert pr[:, -20:].mean() > pr[:, :20].mean()  # right breast: chest wall on the right
     assert pl[:, :20].mean() > pl[:, -20:].mean()
     assert math.isclose(pr.max(), 150 * 16383 / 255, rel_tol=0.01)
+
+
+def test_png_negatives_hold_out_named_views(tmp_path):
+    """Views named in test_names go to the test list, never to training; unknown names fail."""
+    img = np.zeros((120, 100), np.uint8)
+    img[20:100, :70] = 140
+    src = tmp_path / "png"
+    src.mkdir()
+    for n in ("L-CC", "R-MLO"):
+        Image.fromarray(img).save(src / f"{n}.png")
+    dl = json.loads(open(prepare_png_negatives(src, tmp_path / "out", test_names=["r-mlo"])).read())
+    assert [d["image"] for d in dl["training"]] == ["L-CC.dcm"]
+    assert [d["image"] for d in dl["test"]] == ["R-MLO.dcm"]
+    with pytest.raises(ValueError, match="R-CC"):
+        prepare_png_negatives(src, tmp_path / "out2", test_names=["R-CC"])

@@ -375,17 +375,23 @@ def test_study_in_process_failures_skips_and_tables(tmp_path):
     assert m["ppv"] == pytest.approx(1.0) and m["image_specificity"] == 1.0
     assert m["image_detection_a_all"] == 1.0 and m["cluster_sensitivity"] == 1.0 and m["fp_clusters_per_image"] == 0.0
     assert m["froc_score"] == 1.0
+    # Table 4 (MC-GenRef's columns): no false positive, so specificity is 1 on both MC images
+    assert m["fnr"] == pytest.approx(np.mean([0.0, 4 / 16]))
+    assert m["balanced_accuracy"] == pytest.approx(np.mean([1.0, (1 + 12 / 16) / 2]))
+    assert m["g_mean"] == pytest.approx(np.mean([1.0, np.sqrt(12 / 16)]))
+    t4 = {row["method"]: row for row in res["table4"]}
+    assert t4["SegAI"]["g_mean"].startswith(f"{100 * m['g_mean']:.1f}")
     assert res["n_cases"] == 3 and res["n_with_mcs"] == 2 and res["n_objects"] == 8 and res["n_truth_clusters"] == 2
     raw_int = sorted(o["interior_density"] for o in res["objects"])
     assert raw_int[0] == pytest.approx(1500.0) and raw_int[-1] == pytest.approx(2500.0)
     md = (tmp_path / "out" / "results.md").read_text()
-    for needle in ("Table 1", "Table 2", "Table 3", "FROC", "python -m monai.bundle run --config_file x.json",
+    for needle in ("Table 1", "Table 2", "Table 3", "Table 4", "G-Mean", "FROC", "python -m monai.bundle run --config_file x.json",
                    "`segai+genai`: needs inpainter weights", "| broken |", "specificity (images without MCs)"):
         assert needle in md, needle
     assert "Not available" in md  # Table 2 needs segai+genai and grid_genai
     assert "mcref-study:begin study" in (tmp_path / "docs" / "results.md").read_text()
     html = (tmp_path / "out" / "summary" / "report.html").read_text()
-    assert "data:image/png;base64," in html and "Table 3" in html
+    assert "data:image/png;base64," in html and "Table 3" in html and "Table 4" in html
     for f in ("per_case.csv", "objects.csv", "froc.csv"):
         assert (tmp_path / "out" / "segai" / f).is_file()
     assert len(list((tmp_path / "out" / "segai" / "panels").glob("*.png"))) == 1
