@@ -532,17 +532,26 @@ class SPRefiner:
         use_segai: weight the SP map by pooled SegAI (:func:`sp_refine_with_segai`).
         pool_size: pooling window for ``use_segai``.
         stride: pooling stride for ``use_segai``.
+        segai_threshold: SegAI values below this are set to 0 before pooling (SegAI at its
+            operating point, as the hole of SegAI+R:GenAI); 0 keeps the raw map.
         sp_kwargs: extra arguments of the SP function (sigmas, radius, percentile).
     """
 
     def __init__(
-        self, method: str = "sp1", use_segai: bool = False, pool_size: int = 9, stride: int = 1, **sp_kwargs: Any
+        self,
+        method: str = "sp1",
+        use_segai: bool = False,
+        pool_size: int = 9,
+        stride: int = 1,
+        segai_threshold: float = 0.0,
+        **sp_kwargs: Any,
     ) -> None:
         funcs = {"sp1": sp1_gaussian_blur_difference, "sp2": sp2_white_tophat}
         if method not in funcs:
             raise ValueError(f"Unknown SP method {method!r}; use one of {sorted(funcs)}.")
         self.fn = partial(funcs[method], **sp_kwargs)
         self.use_segai, self.pool_size, self.stride = use_segai, pool_size, stride
+        self.segai_threshold = float(segai_threshold)
 
     def __call__(
         self, image: ArrayLike2D, segai_prob: ArrayLike2D | None, breast: ArrayLike2D | None = None
@@ -552,7 +561,10 @@ class SPRefiner:
             return {"prob": sp}
         if segai_prob is None:
             raise ValueError("SegAI+R:SP needs segai_prob.")
-        return {"prob": sp_refine_with_segai(sp, segai_prob, self.pool_size, self.stride), "sp": sp}
+        seg = _to_2d(segai_prob, "segai_prob")
+        if self.segai_threshold > 0:
+            seg = np.where(seg >= self.segai_threshold, seg, 0.0).astype(np.float32)
+        return {"prob": sp_refine_with_segai(sp, seg, self.pool_size, self.stride), "sp": sp}
 
 
 def _resolve_inpaint_fn(

@@ -182,3 +182,17 @@ def test_registry_and_network_refiner() -> None:
         build_refiner("nope")
     with pytest.raises(KeyError):
         register_refiner("segai", REFINERS["segai"])
+
+
+def test_sp_refiner_segai_threshold_drops_weak_segai_support() -> None:
+    """With segai_threshold, SegAI values below it give no support to the SP map."""
+    from bundle.refine import SPRefiner
+
+    img = np.zeros((40, 40), np.float32)
+    img[10, 10] = img[30, 30] = 1.0
+    seg = np.zeros_like(img)
+    seg[10, 10], seg[30, 30] = 0.9, 0.05  # a confident and a weak SegAI response
+    raw = SPRefiner("sp2", use_segai=True)(img, seg)["prob"]
+    cut = SPRefiner("sp2", use_segai=True, segai_threshold=0.1)(img, seg)["prob"]
+    assert raw[30, 30] > 0 and raw[10, 10] > 0
+    assert cut[30, 30] == 0 and cut[10, 10] > 0
