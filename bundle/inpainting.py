@@ -175,22 +175,24 @@ def smooth_fill(x: torch.Tensor, hole: torch.Tensor, max_levels: int = 12) -> to
     Args:
         x: ``(B, C, H, W)`` image.
         hole: ``(B, 1, H, W)``, > 0.5 = unknown.
-        max_levels: pyramid levels at most.
+        max_levels: pyramid levels at most (the pyramid stops at a side of 1 or 2 pixels).
 
     Returns:
         ``(B, C, H, W)`` image equal to ``x`` outside the hole.
     """
     known = (hole <= 0.5).to(x.dtype)
     vals, wts = [x * known], [known]
+    # the pyramid always goes down to a side of 1 or 2 pixels: levels below the first fully
+    # supported one do not change the result (they are only used where a level has no support),
+    # and a fixed depth keeps the function free of data-dependent control flow (traceable)
     for _ in range(max_levels):
-        if bool((wts[-1] > 0).all()) or min(vals[-1].shape[-2:]) < 2:
+        if min(vals[-1].shape[-2:]) < 2:
             break
         vals.append(F.avg_pool2d(vals[-1], 2, ceil_mode=True))
         wts.append(F.avg_pool2d(wts[-1], 2, ceil_mode=True))
-    level = vals[-1] / wts[-1].clamp_min(1e-8)
-    if not bool((wts[-1] > 0).all()):  # no known pixel at all in some image: use its known mean (0 if none)
-        mean = (x * known).flatten(2).sum(-1) / known.flatten(2).sum(-1).clamp_min(1.0)
-        level = torch.where(wts[-1] > 0, level, mean[..., None, None].expand_as(level))
+    # coarsest level: its own average where supported, else the image's known mean (0 if none)
+    mean = (x * known).flatten(2).sum(-1) / known.flatten(2).sum(-1).clamp_min(1.0)
+    level = torch.where(wts[-1] > 0, vals[-1] / wts[-1].clamp_min(1e-8), mean[..., None, None].expand_as(vals[-1]))
     for v, w in zip(reversed(vals[:-1]), reversed(wts[:-1])):
         up = F.interpolate(level, size=v.shape[-2:], mode="bilinear", align_corners=False)
         level = torch.where(w > 0, v / w.clamp_min(1e-8), up)

@@ -4,9 +4,14 @@
 For every network of ``NETWORKS`` (or of ``--networks FILE.json``) whose checkpoint exists:
 
 1. ``python -m monai.bundle verify_net_in_out NET_ID`` (random weights, the input/output
-   contract of ``configs/metadata.json``),
+   contract of ``configs/metadata.json``: ``network_data_format`` for SegAI, the matching entry
+   of ``other_network_data_formats`` for the inpainter and the MC-GenRef segmentor),
 2. ``python -m monai.bundle ckpt_export NET_ID --filepath models/<name>.ts --ckpt_file ...``
    (metadata and the config embedded; ``key_in_ckpt`` detected from the checkpoint).
+
+The RF generator's ``forward(x, timesteps)`` takes two tensors, which these commands cannot
+feed; it is checked against its metadata format and traced in Python instead
+(:func:`export_multi_input`).
 
 Then ``python -m monai.bundle verify_metadata`` against the schema copy in
 ``docs/monai_meta_schema_20240725.json`` (offline), and the archive: ``configs/``, ``models/``
@@ -18,6 +23,7 @@ usage::
 
     python scripts/export_bundle.py                                  # dist/mcref_bundle.zip
     python scripts/export_bundle.py --ckpt network_def=/tmp/model.pt --output /tmp/b.zip
+    python scripts/export_bundle.py --ckpt mcgenref_seg=/tmp/seg.pt  # by network name
     python scripts/export_bundle.py --in_place                       # also write models/model.ts
     python -m deploy.mcref_app -i IN -o OUT --bundle dist/mcref_bundle.zip
 """
@@ -53,6 +59,46 @@ NETWORKS: tuple[dict[str, Any], ...] = (
         "input_shape": [1, 1, 512, 512],
         "verify_n": 32,  # verify_net_in_out: spatial shape 8*n
         "required": True,
+    },
+    {
+        "name": "inpainter",
+        "net_id": "inpainter_def",
+        "config_file": "configs/inference.json",
+        "ckpt_file": "models/inpainter.pt",
+        "filepath": "models/inpainter.ts",
+        # metadata.json#other_network_data_formats key of this network's format
+        "format_key": "inpainter_def (configs/inference.json, models/inpainter.pt)",
+        # shape-dependent window padding is Python control flow: trace on the inference tile
+        "use_trace": True,
+        "input_shape": [1, 2, 128, 128],
+        "verify_n": 4,
+        "required": True,
+    },
+    {
+        "name": "mcgenref_seg",
+        "net_id": "network_def",
+        "config_file": "configs/inference.json",
+        "ckpt_file": "models/mcgenref_seg.pt",
+        "filepath": "models/mcgenref_seg.ts",
+        "format_key": "network_def with models/mcgenref_seg.pt (configs/inference_mcgenref.json)",
+        "use_trace": True,
+        "input_shape": [1, 1, 128, 128],
+        "verify_n": 8,
+        "required": False,
+    },
+    {
+        "name": "rflow",
+        "net_id": "generator_def",
+        "config_file": "configs/inference_mcgenref.json",
+        "ckpt_file": "models/rflow.pt",
+        "filepath": "models/rflow.ts",
+        "format_key": "generator_def (configs/inference_mcgenref.json, models/rflow.pt)",
+        # forward(x, timesteps) has two inputs, which the ckpt_export CLI cannot trace: checked and
+        # traced in Python against the same metadata format (export_multi_input)
+        "multi_input": True,
+        "input_shape": [1, 4, 64, 64],
+        "verify_n": 8,
+        "required": False,
     },
 )
 
@@ -99,8 +145,109 @@ def export_network(spec: Mapping[str, Any], root: Path, ckpt: Path, out_file: Pa
     Returns:
         A record of what was done.
     """
-    meta = str(root / "configs" / "metadata.json")
     config = str(root / spec["config_file"])
+    if spec.get("multi_input"):
+        return export_multi_input(spec, root, ckpt, out_file, verify)
+    with tempfile.TemporaryDirectory(prefix="mcref_meta_") as td:
+        meta = network_meta_file(root, spec, Path(td))
+        return _export_cli(spec, root, ckpt, out_file, verify, timeout, meta, config)
+
+
+def network_meta_file(root: Path, spec: Mapping[str, Any], folder: Path) -> str:
+    """The metadata file that describes ``spec``'s network for the MONAI commands.
+
+    ``verify_net_in_out`` and ``ckpt_export`` read ``network_data_format``; for a network other
+    than the main one, a copy of ``configs/metadata.json`` is written to ``folder`` with
+    ``network_data_format`` replaced by ``other_network_data_formats[spec["format_key"]]``.
+
+    Args:
+        root: bundle root.
+        spec: one entry of :data:`NETWORKS`.
+        folder: where to write the copy.
+    """
+    meta_path = root / "configs" / "metadata.json"
+    key = spec.get("format_key")
+    if not key:
+        return str(meta_path)
+    meta = json.loads(meta_path.read_text())
+    formats = meta.get("other_network_data_formats", {})
+    if key not in formats:
+        raise KeyError(f"{meta_path}: other_network_data_formats has no entry {key!r} for {spec['name']}")
+    meta["network_data_format"] = formats[key]
+    out = folder / f"metadata_{spec['name']}.json"
+    out.write_text(json.dumps(meta, indent=2))
+    return str(out)
+
+
+def _spatial(shape_spec: Sequence[Any], n: int) -> list[int]:
+    return [int(eval(str(d).replace("n", str(n)), {"__builtins__": {}})) for d in shape_spec]  # "8*n" -> 8n
+
+
+def export_multi_input(spec: Mapping[str, Any], root: Path, ckpt: Path, out_file: Path, verify: bool) -> dict:
+    """Check and trace a network whose forward takes several tensors (the RF generator).
+
+    The inputs are built from the network's metadata format (first input: image channels and
+    spatial shape at ``verify_n``; further inputs: one value per sample in their value range);
+    the output must have the declared channels, the input's spatial shape and dtype. The traced
+    module is saved, reloaded and must reproduce the eager output.
+
+    Args:
+        spec: one entry of :data:`NETWORKS`.
+        root: bundle root.
+        ckpt: weights.
+        out_file: TorchScript destination.
+        verify: run the in/out check (tracing always compares with the eager output).
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, str(root))
+    from bundle.engine import load_checkpoint
+
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    fmt = meta["other_network_data_formats"][spec["format_key"]]
+    parser = ConfigParser()
+    parser.read_config(str(root / spec["config_file"]))
+    parser["bundle_root"] = str(root)
+    net = load_checkpoint(parser.get_parsed_content(spec["net_id"]), ckpt, "cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(n: int) -> list:
+        xs = []
+        for i, (name, f) in enumerate(fmt["inputs"].items()):
+            if i == 0:
+                xs.append(torch.randn(1, int(f["num_channels"]), *_spatial(f["spatial_shape"], n), generator=gen))
+            else:
+                lo, hi = f.get("value_range") or [0, 1]
+                dtype = getattr(torch, f.get("dtype", "float32"))
+                xs.append(torch.randint(int(lo), int(hi), (1,), generator=gen).to(dtype))
+        return xs
+
+    out_fmt = next(iter(fmt["outputs"].values()))
+    with torch.no_grad():
+        if verify:
+            for n in (int(spec.get("verify_n", 1)), int(spec.get("verify_n", 1)) + 1):
+                xs = inputs(n)
+                y = net(*xs)
+                want = (1, int(out_fmt["num_channels"]), *xs[0].shape[2:])
+                if tuple(y.shape) != want or str(y.dtype) != f"torch.{out_fmt['dtype']}":
+                    raise RuntimeError(f"{spec['name']}: output {tuple(y.shape)} {y.dtype}, metadata says {want} {out_fmt['dtype']}")
+        example = [torch.zeros(spec["input_shape"])] + inputs(1)[1:]
+        example[0] = torch.randn(spec["input_shape"], generator=gen)
+        traced = torch.jit.trace(net, tuple(example), check_trace=False)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(traced, str(out_file))
+        again = torch.jit.load(str(out_file))
+        err = float((again(*example) - net(*example)).abs().max())
+    if not err < 1e-4:
+        raise RuntimeError(f"{spec['name']}: TorchScript output differs from the eager network by {err}")
+    return {"name": spec["name"], "net_id": spec["net_id"], "ckpt_file": str(ckpt), "filepath": spec["filepath"],
+            "key_in_ckpt": key_in_checkpoint(ckpt), "verified": verify, "max_abs_diff": err}
+
+
+def _export_cli(
+    spec: Mapping[str, Any], root: Path, ckpt: Path, out_file: Path, verify: bool, timeout: int, meta: str, config: str
+) -> dict:
     if verify:
         _bundle_cmd(
             ["verify_net_in_out", spec["net_id"], "--meta_file", meta, "--config_file", config,
@@ -208,8 +355,10 @@ def build(
         report["metadata_verified"] = True
     with tempfile.TemporaryDirectory(prefix="mcref_export_") as stage_dir:
         stage = Path(stage_dir)
-        for spec in networks:
-            ckpt = Path(ckpts.get(spec["net_id"], ckpts.get(spec["name"], root / spec["ckpt_file"])))
+        for i, spec in enumerate(networks):
+            # --ckpt NAME=PATH, or NET_ID=PATH for the first network of that net_id only
+            shared = any(o["net_id"] == spec["net_id"] for o in networks[:i])
+            ckpt = Path(ckpts.get(spec["name"], None if shared else ckpts.get(spec["net_id"])) or root / spec["ckpt_file"])
             if not ckpt.is_file():
                 if spec.get("required", False):
                     raise FileNotFoundError(f"{ckpt}: checkpoint of {spec['name']} ({spec['net_id']}) not found; "
