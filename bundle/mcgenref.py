@@ -944,6 +944,9 @@ class TTGPRInferer(Inferer):
         tile_batch: tiles per network call.
         gen_margin: the generator runs on the bounding boxes of seed groups grown by this many
             pixels (its context), once per round for the whole image, not on every tile.
+        gen_max_box: seed groups whose bounding box is larger are sampled in cores of at most this
+            side (each with ``gen_margin`` pixels of context), which bounds the generator's
+            memory and time on images with many seeds.
         seg_margin: the segmentor sees each tile grown by this many pixels (cropped back), so
             refinement tiles have the initializer's context at their borders.
         mask_output: multiply the result by the breast mask.
@@ -978,6 +981,7 @@ class TTGPRInferer(Inferer):
         logit_clip: float = 12.0,
         tile_batch: int = 8,
         gen_margin: int = 24,
+        gen_max_box: int = 256,
         seg_margin: int = 32,
         mask_output: bool = True,
         return_init: bool = False,
@@ -1007,6 +1011,7 @@ class TTGPRInferer(Inferer):
         self.logit_clip = float(logit_clip)
         self.tile_batch = max(1, int(tile_batch))
         self.gen_margin = int(gen_margin)
+        self.gen_max_box = max(int(gen_max_box), 16)
         self.seg_margin = int(seg_margin)
         self.mask_output, self.return_init = mask_output, return_init
         self.seed = int(seed)
@@ -1092,12 +1097,29 @@ class TTGPRInferer(Inferer):
         grown = ndimage.binary_dilation(s_np, structure=np.ones((3, 3), bool), iterations=max(self.gen_margin, 1))
         groups, n = ndimage.label(grown)
         layer = xp.new_zeros((self.n_samples, 1, *xp.shape[-2:]))
+        h, w = xp.shape[-2:]
+        box, m = self.gen_max_box, self.gen_margin
         for g, sl in enumerate(ndimage.find_objects(groups), start=1):
-            own = torch.from_numpy(groups[sl] == g).to(xp.device)
-            pts = seeds[..., sl[0], sl[1]] * own
-            ctx = xp[..., sl[0], sl[1]]
-            win = self.generator.sample(ctx, pts, self.euler_steps, self.n_samples, gen, self.restrict_radius)[0]
-            layer[..., sl[0], sl[1]] += win - ctx
+            # a group larger than gen_max_box (e.g. a dense field of seeds on a whole image) is
+            # sampled core by core, each core seen with gen_margin pixels of context around it,
+            # so that the generator's cost (and its attention) stays bounded
+            single = sl[0].stop - sl[0].start <= box and sl[1].stop - sl[1].start <= box
+            for r0 in range(sl[0].start, sl[0].stop, box):
+                for c0 in range(sl[1].start, sl[1].stop, box):
+                    r1, c1 = min(r0 + box, sl[0].stop), min(c0 + box, sl[1].stop)
+                    if single:  # the group's own bounding box already holds gen_margin of context
+                        wr, wc = sl
+                    else:
+                        wr = slice(max(r0 - m, 0), min(r1 + m, h))
+                        wc = slice(max(c0 - m, 0), min(c1 + m, w))
+                    own = torch.from_numpy(groups[wr, wc] == g).to(xp.device)
+                    pts = seeds[..., wr, wc] * own
+                    if not bool(pts.any()):
+                        continue
+                    ctx = xp[..., wr, wc]
+                    win = self.generator.sample(ctx, pts, self.euler_steps, self.n_samples, gen, self.restrict_radius)[0]
+                    cr, cc = slice(r0 - wr.start, r1 - wr.start), slice(c0 - wc.start, c1 - wc.start)
+                    layer[..., r0:r1, c0:c1] += (win - ctx)[..., cr, cc]
         return xp + layer
 
     def _objective(

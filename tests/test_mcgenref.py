@@ -365,3 +365,35 @@ def test_inference_config_writes_initializer_and_ttgpr_maps(tmp_path):
         arr = np.asarray(nib.load(str(out / "case_000" / f"case_000_{key}.nii.gz")).dataobj)
         assert arr.shape == (256, 224)
         assert arr.min() >= 0 and arr.max() <= 1
+
+
+class _RecordingGenerator(torch.nn.Module):
+    """Adds 1 at every seed and records the window sizes it is asked to sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[tuple[int, int]] = []
+
+    def sample(self, context, seed_points, n_steps, n_samples, generator, restrict_radius):
+        self.windows.append(tuple(context.shape[-2:]))
+        out = context + seed_points.float()
+        return out[:, None].repeat(1, n_samples, 1, 1, 1)
+
+
+def test_rf_projection_of_a_dense_seed_field_is_sampled_in_bounded_windows():
+    """One seed group spanning the image is split into cores of gen_max_box (plus context), and
+    every seed still gets exactly its own projection (no seed painted twice or lost)."""
+    gen = _RecordingGenerator()
+    inf = TTGPRInferer(generator=gen, tile_size=32, n_samples=2, gen_margin=6, gen_max_box=40)
+    x = torch.zeros(1, 1, 150, 170)
+    seeds = torch.zeros_like(x)
+    seeds[..., 5:145:9, 5:165:9] = 1.0  # a grid of seeds: their neighbourhoods touch, one group
+    proj = inf._project_canvas(x, seeds, torch.Generator().manual_seed(0))
+    assert len(gen.windows) > 1
+    assert max(max(wh) for wh in gen.windows) <= 40 + 2 * 6
+    torch.testing.assert_close(proj, seeds.expand(2, 1, 150, 170))
+    gen.windows.clear()
+    few = torch.zeros_like(x)
+    few[..., 20, 30] = few[..., 24, 33] = 1.0  # a small group: one window, its bounding box
+    torch.testing.assert_close(inf._project_canvas(x, few, torch.Generator().manual_seed(0)), few.expand(2, 1, 150, 170))
+    assert len(gen.windows) == 1 and max(gen.windows[0]) <= 2 * 6 + 5
