@@ -51,6 +51,7 @@ def test_inference_outputs_follow_the_contract(phantom_dir, tmp_path):
                "--refine", "False")
     rows = {r["case"]: r for r in read_summary(out)}
     assert rows["broken"]["status"] == "failed" and "broken.dcm" in rows["broken"]["error"]
+    thr = float(json.loads((ROOT / "configs" / "inference.json").read_text())["threshold"])
     dicoms = sorted(p for p in phantom_dir.glob("case_*.dcm"))
     assert dicoms
     for f in dicoms:
@@ -62,7 +63,8 @@ def test_inference_outputs_follow_the_contract(phantom_dir, tmp_path):
         assert prob.shape == px.shape and prob.dtype == np.float32
         assert 0.0 <= prob.min() and prob.max() <= 1.0
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
-        assert np.array_equal(mask, (prob >= 0.5).astype(np.uint8)) or abs(int(mask.sum()) - int((prob >= 0.5).sum())) <= 2
+        want = (prob >= thr).astype(np.uint8)  # the configured operating point
+        assert np.array_equal(mask, want) or abs(int(mask.sum()) - int(want.sum())) <= 2
         assert (out / stem / f"{stem}_overlay.png").stat().st_size > 1000
     # inputs untouched
     after = {p.name: p.read_bytes() for p in phantom_dir.iterdir() if p.is_file() and p.name in before}
