@@ -90,6 +90,13 @@ class MammogramInference:
         demo_dir: where demo phantoms go when no dataset is given.
         save_overlay: write ``<stem>_overlay.png``.
         progress: show a progress bar over cases.
+        save_virtual_normal_dicom: for DICOM inputs, also write the virtual normal image as
+            ``<stem>_virtual_normal.dcm``, a Secondary Capture with the source's pixel grid,
+            spacing, laterality and patient/study identifiers, a new series and SOP instance,
+            and a reference to the source (:func:`bundle.dicom.make_map_sc`).
+        virtual_normal_range: normalised values ``(lo, hi)`` stored in that DICOM (breast
+            percentiles 1 and 99 are 0 and 1); values outside are clipped.
+        version: version written into derived UIDs and the DICOM (new version, new UIDs).
     """
 
     def __init__(
@@ -107,6 +114,9 @@ class MammogramInference:
         demo_dir: str | None = None,
         save_overlay: bool = True,
         progress: bool = True,
+        save_virtual_normal_dicom: bool = True,
+        virtual_normal_range: Sequence[float] = (-0.5, 1.5),
+        version: str = "0.2.0",
     ) -> None:
         self.dataset_dir = dataset_dir or None
         self.output_dir = Path(output_dir)
@@ -121,6 +131,9 @@ class MammogramInference:
         self.demo_dir = demo_dir or str(self.output_dir / "demo_inputs")
         self.save_overlay = save_overlay
         self.progress = progress
+        self.save_virtual_normal_dicom = save_virtual_normal_dicom
+        self.virtual_normal_range = (float(virtual_normal_range[0]), float(virtual_normal_range[1]))
+        self.version = str(version)
         self.rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ inputs
@@ -197,6 +210,8 @@ class MammogramInference:
             else:
                 arr = arr.astype(np.float32)
             save_nifti_atomic(arr, case_dir / f"{stem}_{key}.nii.gz", spacing=spacing, protect=[source])
+            if key == "virtual_normal" and self.save_virtual_normal_dicom:
+                self._write_virtual_normal_dicom(arr, case_dir / f"{stem}_virtual_normal.dcm", source)
         if self.save_overlay:
             img = np.asarray(d["image"][0].cpu(), dtype=np.float32)
             mask_key = "refined_mask" if "refined_mask" in d["_output_keys"] else "mask"
@@ -210,6 +225,27 @@ class MammogramInference:
                     m = np.asarray(d[key][0].cpu()) > 0.5
                     row[f"{key[:-4]}activation_rate"] = float((m & b).sum() / max(int(b.sum()), 1))
         return row
+
+    def _write_virtual_normal_dicom(self, values: np.ndarray, path: Path, source: Path) -> None:
+        """``values`` (on the source grid) as a DICOM beside the NIfTI, when ``source`` is DICOM."""
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        from bundle.dicom import make_map_sc, write_dataset_atomic
+
+        try:
+            ds = pydicom.dcmread(str(source), stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            return  # not a DICOM input: the NIfTI is the output
+        if "SOPInstanceUID" not in ds or "Rows" not in ds:
+            return
+        if path.resolve() == source.resolve():
+            from bundle.data import MammogramError
+
+            raise MammogramError(str(source), "refusing to overwrite the input")
+        sc = make_map_sc(ds, values, "virtual_normal", self.version, value_range=self.virtual_normal_range,
+                         description="mcref virtual normal image (research; normalised units)")
+        write_dataset_atomic(sc, path)
 
     # ------------------------------------------------------------------ batch
     def run(self) -> list[dict[str, Any]]:

@@ -179,3 +179,34 @@ def test_metadata_and_network_shapes_verify_offline():
         text = p.stdout + p.stderr
         assert p.returncode == 0, text[-3000:]
         assert "verified with no error" in text
+
+
+@pytest.mark.slow
+def test_virtual_normal_dicom_has_the_source_geometry_and_identifiers(tmp_path):
+    """DICOM input + refinement: <stem>_virtual_normal.dcm lies on the source grid, keeps patient and
+    study, is a new instance referencing the source, and holds the NIfTI's values."""
+    from bundle.phantom import make_phantom, write_mg_dicom
+
+    ph = make_phantom(shape=(512, 416), view="MLO", laterality="R", seed=8)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_mg_dicom(inp / "rmlo.dcm", ph["image"].astype(np.uint16), spacing=0.07, laterality="R", view="MLO",
+                   photometric="MONOCHROME1")
+    before = (inp / "rmlo.dcm").read_bytes()
+    out = tmp_path / "out"
+    bundle_run("--config_file", "configs/inference.json", "--dataset_dir", str(inp), "--output_dir", str(out))
+    src = pydicom.dcmread(inp / "rmlo.dcm")
+    vn = pydicom.dcmread(out / "rmlo" / "rmlo_virtual_normal.dcm")
+    assert (inp / "rmlo.dcm").read_bytes() == before
+    assert (vn.Rows, vn.Columns) == (src.Rows, src.Columns)
+    assert vn.SOPInstanceUID != src.SOPInstanceUID and vn.SeriesInstanceUID != src.SeriesInstanceUID
+    assert vn.StudyInstanceUID == src.StudyInstanceUID and vn.PatientID == src.PatientID
+    assert (vn.get("ImageLaterality") or vn.get("Laterality")) == "R"
+    assert vn.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    spacing = src.get("PixelSpacing") or src.get("ImagerPixelSpacing")
+    assert [float(v) for v in vn.PixelSpacing] == pytest.approx([float(v) for v in spacing])
+    values = vn.pixel_array * float(vn.RescaleSlope) + float(vn.RescaleIntercept)
+    nii = np.clip(read_nii(out / "rmlo" / "rmlo_virtual_normal.nii.gz"), -0.5, 1.5)
+    assert np.abs(values - nii).max() <= 2.0 / 50000 + 1e-6
+    refined = read_nii(out / "rmlo" / "rmlo_refined_mask.nii.gz")
+    assert refined.shape == src.pixel_array.shape
