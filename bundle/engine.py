@@ -46,6 +46,22 @@ def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, device: s
     return network.to(device).eval()
 
 
+def bundle_version(bundle_root: str | os.PathLike) -> str:
+    """The bundle's version, ``configs/metadata.json#version`` (``"unversioned"`` without one).
+
+    Args:
+        bundle_root: the bundle root folder.
+    """
+    import json
+
+    meta = Path(bundle_root) / "configs" / "metadata.json"
+    try:
+        return str(json.loads(meta.read_text(encoding="utf-8")).get("version", "unversioned"))
+    except (OSError, ValueError):
+        logger.warning("%s: no readable metadata; derived objects are marked 'unversioned'", meta)
+        return "unversioned"
+
+
 def ensure_demo_data(folder: str | os.PathLike, n_cases: int = 3, seed: int = 2024, shape: Sequence[int] = (1280, 1024)) -> str:
     """Write a handful of seeded demo phantom DICOMs (with labels) into ``folder`` unless present.
 
@@ -96,7 +112,8 @@ class MammogramInference:
             and a reference to the source (:func:`bundle.dicom.make_map_sc`).
         virtual_normal_range: normalised values ``(lo, hi)`` stored in that DICOM (breast
             percentiles 1 and 99 are 0 and 1); values outside are clipped.
-        version: version written into derived UIDs and the DICOM (new version, new UIDs).
+        version: version written into derived UIDs and the DICOM (new version, new UIDs);
+            ``configs/inference.json`` passes ``metadata.json#version``.
     """
 
     def __init__(
@@ -116,7 +133,7 @@ class MammogramInference:
         progress: bool = True,
         save_virtual_normal_dicom: bool = True,
         virtual_normal_range: Sequence[float] = (-0.5, 1.5),
-        version: str = "0.2.0",
+        version: str = "unversioned",
     ) -> None:
         self.dataset_dir = dataset_dir or None
         self.output_dir = Path(output_dir)

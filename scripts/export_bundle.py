@@ -180,7 +180,8 @@ def network_meta_file(root: Path, spec: Mapping[str, Any], folder: Path) -> str:
 
 
 def _spatial(shape_spec: Sequence[Any], n: int) -> list[int]:
-    return [int(eval(str(d).replace("n", str(n)), {"__builtins__": {}})) for d in shape_spec]  # "8*n" -> 8n
+    """Spatial shape of a metadata entry at ``n``: ``"8*n"`` -> ``8 n``, ``64`` -> 64."""
+    return [int(str(d).split("*")[0]) * n if "n" in str(d) else int(d) for d in shape_spec]
 
 
 def export_multi_input(spec: Mapping[str, Any], root: Path, ckpt: Path, out_file: Path, verify: bool) -> dict:
@@ -232,8 +233,7 @@ def export_multi_input(spec: Mapping[str, Any], root: Path, ckpt: Path, out_file
                 want = (1, int(out_fmt["num_channels"]), *xs[0].shape[2:])
                 if tuple(y.shape) != want or str(y.dtype) != f"torch.{out_fmt['dtype']}":
                     raise RuntimeError(f"{spec['name']}: output {tuple(y.shape)} {y.dtype}, metadata says {want} {out_fmt['dtype']}")
-        example = [torch.zeros(spec["input_shape"])] + inputs(1)[1:]
-        example[0] = torch.randn(spec["input_shape"], generator=gen)
+        example = [torch.randn(spec["input_shape"], generator=gen), *inputs(1)[1:]]
         traced = torch.jit.trace(net, tuple(example), check_trace=False)
         out_file.parent.mkdir(parents=True, exist_ok=True)
         torch.jit.save(traced, str(out_file))

@@ -210,3 +210,10 @@ def test_virtual_normal_dicom_has_the_source_geometry_and_identifiers(tmp_path):
     assert np.abs(values - nii).max() <= 2.0 / 50000 + 1e-6
     refined = read_nii(out / "rmlo" / "rmlo_refined_mask.nii.gz")
     assert refined.shape == src.pixel_array.shape
+
+
+def test_bundle_version_reads_the_metadata(tmp_path):
+    from bundle.engine import bundle_version
+
+    assert bundle_version(ROOT) == json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
+    assert bundle_version(tmp_path) == "unversioned"
