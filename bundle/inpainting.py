@@ -93,11 +93,13 @@ class _WindowAttention(nn.Module):
         rel = (coords[:, :, None] - coords[:, None, :]) + (ws - 1)  # (2, N, N) in [0, 2ws-2]
         self.register_buffer("rel_index", rel[0] * (2 * ws - 1) + rel[1], persistent=False)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x: (Bw, N, C); bias: additive mask broadcastable to (Bw, heads, N, N)."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (Bw, N, C); bias: additive mask broadcastable to (Bw, heads, N, N); index: the
+        (N, N) relative-position index when the tokens are a sub-grid of a window."""
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        rel = self.rel_bias[self.rel_index].permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
+        idx = self.rel_index if index is None else index
+        rel = self.rel_bias[idx].permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=(rel + bias).to(x.dtype))
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
@@ -141,8 +143,17 @@ class MaskAwareSwinBlock(nn.Module):
         """
         b, h, w, c = x.shape
         ws = self.window_size
-        ph, pw = (-h) % ws, (-w) % ws
         y = self.norm1(x)
+        if h <= ws and w <= ws and h * w < ws * ws and bool(valid.flatten(1).any(1).all()):
+            # the grid is a part of one window: attend among its own tokens only. Padding it
+            # with invalid tokens would give the same result at up to (ws*ws)/(h*w) x the cost.
+            sub = (torch.arange(h, device=x.device)[:, None] * ws + torch.arange(w, device=x.device)[None]).flatten()
+            index = self.attn.rel_index[sub][:, sub]
+            bias = torch.where(valid.reshape(b, 1, 1, h * w), 0.0, _NEG)
+            y = self.attn(y.reshape(b, h * w, c), bias, index).reshape(b, h, w, c)
+            x = x + y
+            return x + self.mlp(self.norm2(x))
+        ph, pw = (-h) % ws, (-w) % ws
         if ph or pw:
             y = F.pad(y, (0, 0, 0, pw, 0, ph))
             valid = F.pad(valid, (0, pw, 0, ph), value=False)

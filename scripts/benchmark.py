@@ -10,7 +10,9 @@ usage:
     python scripts/benchmark.py --rows 2048 --cols 1664 --repeats 2
 
 Methods name config variants: ``segai`` (configs/inference.json with the refiner off),
-``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``grid`` (grid-mask generative
+``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``genai_tiles`` (the same with
+the 128 px tile grid instead of hole-centred crops), ``genai_seg0.1`` (the same at the
+stricter SegAI operating point 0.1), ``grid`` (grid-mask generative
 baseline with the same inpainter, no SegAI mask), ``mcgenref_init`` (MC-GenRef's
 synthetic-only initializer alone) and ``ttgpr`` (initializer + TT-GPR). Every run after the
 first is also printed as a multiple of ``segai`` and ``ttgpr`` as a multiple of
@@ -35,10 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS: dict[str, tuple[list[str], dict]] = {
     "segai": (["configs/inference.json"], {"refiner": None}),
     "genai": (["configs/inference.json"], {}),
+    # the same pipeline with the fixed 128 px tile grid instead of hole-centred crops
+    "genai_tiles": (["configs/inference.json"], {"genai_kwargs#mode": "tiles", "genai_kwargs#batch_size": 8}),
+    # the earlier, stricter SegAI operating point (fewer holes, lower sensitivity)
+    "genai_seg0.1": (["configs/inference.json"], {"threshold": 0.1, "refined_threshold": 0.8}),
     "grid": (
         ["configs/inference.json"],
-        {"refiner": "$bundle.refine.GridGenAIRefiner(net=@inpainter, grid=64, device=str(@device), "
-         "**{k: v for k, v in @genai_kwargs.items() if k in ('tile', 'overlap', 'batch_size')})"},
+        {"refiner": "$bundle.refine.GridGenAIRefiner(net=@inpainter, grid=64, device=str(@device), batch_size=8, "
+         "**{k: v for k, v in @genai_kwargs.items() if k in ('tile', 'overlap')})"},
     ),
     "mcgenref_init": (["configs/inference.json", "configs/inference_mcgenref.json"], {"refiner": None}),
     "ttgpr": (["configs/inference.json", "configs/inference_mcgenref.json"], {}),

@@ -9,8 +9,9 @@ SegAI runs once per case (preprocessing, inferer and weights of ``configs/evalua
 then every refiner runs on that map and each threshold is scored. Printed per row: mean over
 images of pixel sensitivity, PPV and activation rate (% of the breast), and the same on the
 images of the first datalist only and of the others ("first" / "rest"). The hole of the
-generative and biharmonic rows is SegAI at the first ``--segai`` value after the first
-(default 0.1) dilated by ``--dilation`` pixels. Exit code 0.
+generative and biharmonic rows is SegAI at the last ``--segai`` value (default 0.1) dilated
+by ``--dilation`` pixels; the other inpainting settings (crops or tiles) are those of
+``configs/evaluate_study.json#refiner_kwargs``. Exit code 0.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> int:
     ap.add_argument("--sp", nargs="+", type=float, default=[0.1, 0.2, 0.3], help="SegAI+R:SP thresholds")
     ap.add_argument("--dilation", type=int, default=1)
     args = ap.parse_args()
+    args.segai = list(dict.fromkeys(args.segai))  # a repeated value would be scored twice
     sys.path.insert(0, str(ROOT))
     from monai.bundle import ConfigParser
     from monai.data import load_decathlon_datalist
@@ -63,8 +65,11 @@ def main() -> int:
             group.append(0 if g == 0 else 1)
     group_a = np.asarray(group)
     ts = args.segai[-1]
+    # the study's inpainting settings (mode, crops, tiles), with this sweep's hole
+    genai_kwargs = dict(parser.get_parsed_content("refiner_kwargs")["segai+genai"])
+    genai_kwargs.update(threshold=ts, dilation_px=args.dilation)
     refiners = {
-        "genai": build_refiner("segai+genai", net=inp_net, threshold=ts, dilation_px=args.dilation),
+        "genai": build_refiner("segai+genai", net=inp_net, **genai_kwargs),
         "biharmonic": build_refiner("segai+classical", threshold=ts, dilation_px=args.dilation),
         "sp1": build_refiner("segai+sp1", segai_threshold=ts),
         "sp2": build_refiner("segai+sp2", segai_threshold=ts),

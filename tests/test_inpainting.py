@@ -326,3 +326,19 @@ def test_inpaint_crops_real_net_close_to_tiles_on_small_holes() -> None:
     err_b = (b - img)[hole].abs().mean()
     # residual_fill starts at the smooth fill: both are accurate on a smooth image
     assert err_a < 0.05 and err_b < 0.05
+
+
+def test_swin_block_small_grid_shortcut_equals_padded_window() -> None:
+    """A token grid smaller than one window attends among its own tokens; the result equals
+    the padded-window computation (taken when a sample has no valid token)."""
+    torch.manual_seed(1)
+    blk = MaskAwareSwinBlock(dim=16, num_heads=2, window_size=8, shift=4).eval()
+    x = torch.randn(2, 5, 6, 16)
+    valid = torch.ones(2, 5, 6, dtype=torch.bool)
+    valid[0, 1:3, 2:5] = False
+    valid[1] = False  # forces the padded path for the whole batch
+    with torch.no_grad():
+        padded = blk(x, valid)[0]
+        fast = blk(x[:1], valid[:1])[0]
+    assert torch.allclose(fast, padded, atol=1e-5)
+    assert torch.isfinite(padded).all()

@@ -196,3 +196,32 @@ def test_sp_refiner_segai_threshold_drops_weak_segai_support() -> None:
     cut = SPRefiner("sp2", use_segai=True, segai_threshold=0.1)(img, seg)["prob"]
     assert raw[30, 30] > 0 and raw[10, 10] > 0
     assert cut[30, 30] == 0 and cut[10, 10] > 0
+
+
+@pytest.mark.parametrize("mode", ["tiles", "crops"])
+def test_genai_refiner_network_modes_on_bad_input(mode: str) -> None:
+    """Both inpainting modes give a valid map for a hole covering a whole tile, holes on the
+    image border, NaN pixels and no activation at all; an unknown mode is refused."""
+    from bundle.inpainting import MaskAwareInpainter
+
+    torch.manual_seed(0)
+    net = MaskAwareInpainter(embed_dim=16, depths=(1, 1), num_heads=(2, 2), window_size=8, patch_size=4).eval()
+    s = _scene(size=160)
+    img = s["image"].copy()
+    seg = s["segai"].copy()
+    seg[0:40, 0:40] = 0.9  # a whole 32 px tile and more, on the corner
+    seg[155:160, 80:90] = 0.9  # bottom border
+    img[100, 100] = np.nan
+    ref = build_refiner("segai+genai", net=net, mode=mode, tile=64, crop_sizes=(24, 32), context=6, threshold=0.5, dilation_px=1)
+    with pytest.warns(UserWarning, match="non-finite"):
+        out = ref(img, seg, None)
+    p, v = out["prob"], out["virtual_normal"]
+    assert p.shape == img.shape and p.dtype == np.float32 and np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1
+    assert np.isfinite(v).all() and p[100, 100] == 0
+    assert np.array_equal(v[~out["hole"]], np.nan_to_num(img, nan=v[100, 100])[~out["hole"]])
+    assert p[s["dot"]].mean() > 0.5  # the bright dot stands out of the virtual normal tissue
+    with pytest.warns(UserWarning, match="no activation"):
+        empty = ref(s["image"], np.zeros_like(seg), None)
+    assert not empty["prob"].any()
+    with pytest.raises(ValueError, match="mode"):
+        network_inpaint_fn(net, mode="bogus")
