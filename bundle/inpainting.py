@@ -14,8 +14,9 @@ Array conventions (see ``docs/architecture.md``): network tensors are ``(B, C, H
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -605,6 +606,33 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     return starts
 
 
+@contextlib.contextmanager
+def _eval_no_grad(net: Any) -> Iterator[None]:
+    """Run ``net`` in eval mode without gradients; a module's training mode is restored."""
+    was_training = isinstance(net, nn.Module) and net.training
+    if isinstance(net, nn.Module):
+        net.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            net.train()
+
+
+def _fill_inputs(image: Any, hole: Any, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked CPU ``(image, hole)`` and copies padded to at least ``side`` in each direction
+    (image by edge replication, hole with False)."""
+    img = torch.as_tensor(image, dtype=torch.float32).detach().cpu()
+    hl = torch.as_tensor(hole).detach().cpu().bool()
+    if img.ndim != 2 or hl.shape != img.shape:
+        raise ValueError(f"image and hole must be (H, W) of equal shape, got {tuple(img.shape)} and {tuple(hl.shape)}.")
+    ph, pw = max(side - img.shape[0], 0), max(side - img.shape[1], 0)
+    if not (ph or pw):
+        return img, hl, img, hl
+    return img, hl, F.pad(img[None, None], (0, pw, 0, ph), mode="replicate")[0, 0], F.pad(hl, (0, pw, 0, ph), value=False)
+
+
 def inpaint_tiles(
     net: nn.Module | Any,
     image: torch.Tensor,
@@ -636,18 +664,12 @@ def inpaint_tiles(
     Returns:
         ``(H, W)`` float32 CPU tensor.
     """
-    img = torch.as_tensor(image, dtype=torch.float32).detach().cpu()
-    hl = torch.as_tensor(hole).detach().cpu().bool()
-    if img.ndim != 2 or hl.shape != img.shape:
-        raise ValueError(f"image and hole must be (H, W) of equal shape, got {tuple(img.shape)} and {tuple(hl.shape)}.")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}.")
+    img, hl, img_p, hl_p = _fill_inputs(image, hole, tile)
     if not bool(hl.any()):
         return img.clone()
     h, w = img.shape
-    ph, pw = max(tile - h, 0), max(tile - w, 0)
-    img_p = F.pad(img[None, None], (0, pw, 0, ph), mode="replicate")[0, 0] if (ph or pw) else img
-    hl_p = F.pad(hl, (0, pw, 0, ph), value=False) if (ph or pw) else hl
     hp, wp = img_p.shape
     boxes = [
         (r, c)
@@ -657,23 +679,16 @@ def inpaint_tiles(
     ]
     acc = torch.zeros_like(img_p)
     cnt = torch.zeros_like(img_p)
-    was_training = getattr(net, "training", None)
-    if isinstance(net, nn.Module):
-        net.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(boxes), batch_size):
-                chunk = boxes[i : i + batch_size]
-                xb = torch.stack([img_p[r : r + tile, c : c + tile] for r, c in chunk])[:, None]
-                hb = torch.stack([hl_p[r : r + tile, c : c + tile] for r, c in chunk])[:, None].float()
-                out = net(xb.to(device), hb.to(device))
-                out = torch.as_tensor(out).detach().float().cpu()[:, 0]
-                for (r, c), o in zip(chunk, out):
-                    acc[r : r + tile, c : c + tile] += o
-                    cnt[r : r + tile, c : c + tile] += 1.0
-    finally:
-        if isinstance(net, nn.Module) and was_training:
-            net.train()
+    with _eval_no_grad(net):
+        for i in range(0, len(boxes), batch_size):
+            chunk = boxes[i : i + batch_size]
+            xb = torch.stack([img_p[r : r + tile, c : c + tile] for r, c in chunk])[:, None]
+            hb = torch.stack([hl_p[r : r + tile, c : c + tile] for r, c in chunk])[:, None].float()
+            out = net(xb.to(device), hb.to(device))
+            out = torch.as_tensor(out).detach().float().cpu()[:, 0]
+            for (r, c), o in zip(chunk, out):
+                acc[r : r + tile, c : c + tile] += o
+                cnt[r : r + tile, c : c + tile] += 1.0
     filled = acc / cnt.clamp_min(1.0)
     return torch.where(hl_p, filled, img_p)[:h, :w].contiguous()
 
@@ -792,41 +807,27 @@ def inpaint_crops(
     Returns:
         ``(H, W)`` float32 CPU tensor.
     """
-    img = torch.as_tensor(image, dtype=torch.float32).detach().cpu()
-    hl = torch.as_tensor(hole).detach().cpu().bool()
-    if img.ndim != 2 or hl.shape != img.shape:
-        raise ValueError(f"image and hole must be (H, W) of equal shape, got {tuple(img.shape)} and {tuple(hl.shape)}.")
+    img, hl, img_p, hl_p = _fill_inputs(image, hole, max(max(crop_sizes), tile))
     if not bool(hl.any()):
         return img.clone()
     h, w = img.shape
-    big = max(max(crop_sizes), tile)
-    ph, pw = max(big - h, 0), max(big - w, 0)
-    img_p = F.pad(img[None, None], (0, pw, 0, ph), mode="replicate")[0, 0] if (ph or pw) else img
-    hl_p = F.pad(hl, (0, pw, 0, ph), value=False) if (ph or pw) else hl
     hp, wp = img_p.shape
     crops = plan_hole_crops(hl_p.numpy(), crop_sizes=crop_sizes, context=context, tile=tile, overlap=overlap)
     acc = torch.zeros_like(img_p)
     cnt = torch.zeros_like(img_p)
-    was_training = getattr(net, "training", None)
-    if isinstance(net, nn.Module):
-        net.eval()
-    try:
-        with torch.no_grad():
-            for size in sorted({s for _, _, s in crops}):
-                same = [(r, c) for r, c, s in crops if s == size]
-                for i in range(0, len(same), batch_size):
-                    chunk = same[i : i + batch_size]
-                    xb = torch.stack([img_p[r : r + size, c : c + size] for r, c in chunk])[:, None]
-                    hb = torch.stack([hl_p[r : r + size, c : c + size] for r, c in chunk])[:, None].float()
-                    out = torch.as_tensor(net(xb.to(device), hb.to(device))).detach().float().cpu()[:, 0]
-                    for (r, c), o in zip(chunk, out):
-                        ir0, ir1 = _interior(r, size, hp, context)
-                        ic0, ic1 = _interior(c, size, wp, context)
-                        acc[ir0:ir1, ic0:ic1] += o[ir0 - r : ir1 - r, ic0 - c : ic1 - c]
-                        cnt[ir0:ir1, ic0:ic1] += 1.0
-    finally:
-        if isinstance(net, nn.Module) and was_training:
-            net.train()
+    with _eval_no_grad(net):
+        for size in sorted({s for _, _, s in crops}):
+            same = [(r, c) for r, c, s in crops if s == size]
+            for i in range(0, len(same), batch_size):
+                chunk = same[i : i + batch_size]
+                xb = torch.stack([img_p[r : r + size, c : c + size] for r, c in chunk])[:, None]
+                hb = torch.stack([hl_p[r : r + size, c : c + size] for r, c in chunk])[:, None].float()
+                out = torch.as_tensor(net(xb.to(device), hb.to(device))).detach().float().cpu()[:, 0]
+                for (r, c), o in zip(chunk, out):
+                    ir0, ir1 = _interior(r, size, hp, context)
+                    ic0, ic1 = _interior(c, size, wp, context)
+                    acc[ir0:ir1, ic0:ic1] += o[ir0 - r : ir1 - r, ic0 - c : ic1 - c]
+                    cnt[ir0:ir1, ic0:ic1] += 1.0
     if bool((hl_p & (cnt == 0)).any()):  # cannot happen by construction; never return garbage
         raise RuntimeError("inpaint_crops: some hole pixels were not covered by any crop interior.")
     filled = acc / cnt.clamp_min(1.0)
