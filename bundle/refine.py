@@ -32,7 +32,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.morphology import disk, white_tophat
 from skimage.restoration import inpaint_biharmonic
@@ -307,9 +306,11 @@ def _highpass_bands(img: np.ndarray, sigma: float, band: int = 64, every: int = 
 def _dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """Binary dilation by ``disk(radius)`` as an OR of shifted copies (same result as
     ``ndi.binary_dilation(mask, disk(radius))``, several times faster for small radii)."""
-    out = mask.copy()
     h, w = mask.shape
     fp = disk(int(radius)).astype(bool)
+    if radius >= min(h, w):  # shifts would leave the image: the general routine
+        return ndi.binary_dilation(mask, structure=fp)
+    out = mask.copy()
     for dy, dx in np.argwhere(fp) - int(radius):
         if dy == 0 and dx == 0:
             continue

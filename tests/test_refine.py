@@ -225,3 +225,17 @@ def test_genai_refiner_network_modes_on_bad_input(mode: str) -> None:
     assert not empty["prob"].any()
     with pytest.raises(ValueError, match="mode"):
         network_inpaint_fn(net, mode="bogus")
+
+
+def test_hole_dilation_equals_binary_dilation() -> None:
+    """The shifted-OR dilation gives the same hole as scipy, also for radii beyond the image."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    from bundle.refine import _dilate_disk
+
+    rng = np.random.default_rng(0)
+    for shape, r in (((3, 4), 5), ((40, 30), 2), ((25, 25), 1), ((25, 25), 3)):
+        m = rng.random(shape) > 0.9
+        m[0, 0] = m[-1, -1] = True  # borders
+        assert np.array_equal(_dilate_disk(m, r), ndi.binary_dilation(m, structure=disk(r).astype(bool)))
