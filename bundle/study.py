@@ -45,10 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage, stats
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import Delaunay, QhullError, cKDTree
 
+from bundle.clusters import find_clusters, single_linkage_groups
 from bundle.metrics import object_stats, pixel_stats, resolve_tracking_uri
 from bundle.reports import atomic_path, markdown_table, overlay_rgb, write_csv_atomic
 
@@ -416,74 +414,6 @@ def predicted_objects(
 # ----------------------------------------------------------------------------------------------
 # clusters
 # ----------------------------------------------------------------------------------------------
-def _pairs_within(points: np.ndarray, radius: float) -> np.ndarray:
-    return cKDTree(points).query_pairs(r=radius, output_type="ndarray").reshape(-1, 2)
-
-
-def single_linkage_groups(points: np.ndarray, link_distance: float) -> np.ndarray:
-    """Single-linkage grouping: points closer than ``link_distance`` (inclusive) share a group.
-
-    Exact and O(n log n): the Euclidean minimum spanning tree lies in the Delaunay triangulation, so
-    the components of the Delaunay edges no longer than ``link_distance`` are the single-linkage
-    groups. Degenerate inputs (fewer than 4 points, collinear points) use a k-d tree pair search.
-
-    Args:
-        points: (n, 2) coordinates.
-        link_distance: largest linking distance (same unit as ``points``).
-
-    Returns:
-        (n,) int group ids 0..g-1.
-    """
-    pts = np.asarray(points, dtype=float).reshape(-1, 2)
-    n = len(pts)
-    if n == 0:
-        return np.zeros(0, dtype=int)
-    uniq, inverse = np.unique(pts, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    m = len(uniq)
-    edges: np.ndarray | None = None
-    if m >= 4:
-        try:
-            tri = Delaunay(uniq)
-            if np.unique(tri.simplices).size == m:
-                s = tri.simplices
-                e = np.concatenate([s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]])
-                e = np.unique(np.sort(e, axis=1), axis=0)
-                d = np.linalg.norm(uniq[e[:, 0]] - uniq[e[:, 1]], axis=1)
-                edges = e[d <= link_distance * (1.0 + 1e-9)]
-        except (QhullError, ValueError):
-            edges = None
-    if edges is None:
-        edges = _pairs_within(uniq, link_distance * (1.0 + 1e-9))
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(m, m))
-    _, comp = connected_components(graph, directed=False)
-    return comp[inverse].astype(int)
-
-
-def find_clusters(points_mm: np.ndarray, link_mm: float, min_count: int = 3) -> tuple[np.ndarray, int]:
-    """MC clusters: single-linkage groups (``link_mm``) with at least ``min_count`` members.
-
-    Args:
-        points_mm: (n, 2) MC centroids in mm.
-        link_mm: linking distance in mm.
-        min_count: smallest cluster.
-
-    Returns:
-        ``(cluster_ids, n_clusters)``: (n,) ids 0..n_clusters-1, -1 for MCs in no cluster; clusters are
-        numbered in order of their first member.
-    """
-    groups = single_linkage_groups(points_mm, link_mm)
-    ids = np.full(len(groups), -1, dtype=int)
-    if len(groups) == 0:
-        return ids, 0
-    counts = np.bincount(groups)
-    order: dict[int, int] = {}
-    for i, g in enumerate(groups):
-        if counts[g] >= min_count:
-            ids[i] = order.setdefault(int(g), len(order))
-    return ids, len(order)
-
-
 def cluster_counts(
     prob: Any,
     thresholds: Sequence[float],

@@ -262,9 +262,20 @@ def main(argv: list[str] | None = None) -> int:
         help="fractions of training, validation and test cases (in order of the sources)",
     )
     parser.add_argument("--rle", action="store_true", help="RLE-compress the DICOM files")
+    parser.add_argument(
+        "--protocol", type=Path, default=None,
+        help="JSON naming the source views of each split (configs/real_protocol.json); overrides --splits, "
+        "--variants and --seed, and also writes one MC-free copy of every view (label all zero)",
+    )
     args = parser.parse_args(argv)
     if args.png_dir is None and not args.cbis:
         parser.error("give --png-dir and/or --cbis")
+    protocol = None
+    if args.protocol is not None:
+        try:
+            protocol = json.loads(args.protocol.read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--protocol {args.protocol}: {e}")
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -279,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         sources += list(cbis_sources(args.cbis_spacing))
     if not sources:
         parser.error("no source images found")
+    if protocol is not None:
+        return _run_protocol(args, sources, protocol, out)
 
     entries: list[tuple[str, str]] = []
     cases = []
@@ -327,6 +340,119 @@ def main(argv: list[str] | None = None) -> int:
     _write_json(out / "cases.json", cases)
     _write_json(out / "datalist.json", datalist)
     print(f"wrote {n} images and {out / 'datalist.json'}")
+    return 0
+
+
+def _prepared(src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Oriented image, breast mask, MC-free region (pectoral triangle, mass) and flip flag of a source.
+
+    Args:
+        src: source image (its laterality may be set from the breast position).
+    """
+    breast = breast_mask(src.image, src.spacing)
+    image, breast, flipped = orient(src, breast)
+    # avoid masks are built in the "chest wall left" frame and mirrored for R
+    canon_img = image if src.laterality == "L" else image[:, ::-1]
+    canon_br = breast if src.laterality == "L" else breast[:, ::-1]
+    avoid = pectoral_avoid(canon_img.shape, src.view) | mass_avoid(canon_img, canon_br, src.spacing)
+    if src.laterality == "R":
+        avoid = avoid[:, ::-1]
+    return image, breast, avoid, flipped
+
+
+def _write_case(
+    out: Path, name: str, src: Source, pixels: np.ndarray, label: np.ndarray, seed: int, patient: str, rle: bool,
+    description: str,
+) -> tuple[str, str]:
+    """Write one MG DICOM and its NIfTI label; returns their file names.
+
+    Args:
+        out: output folder.
+        name: case name (file stem).
+        src: the source view.
+        pixels: uint16 image.
+        label: 0/1 label.
+        seed: seed of the DICOM UIDs.
+        patient: PatientID.
+        rle: RLE-compress.
+        description: SeriesDescription.
+    """
+    write_mg_dicom(
+        out / f"{name}.dcm", pixels, src.spacing, src.laterality, src.view or "CC", seed=seed, rle=rle,
+        patient_id=patient, bits_stored=src.bits_stored, burned_in_annotation=True, derived=True,
+        description=description,
+    )
+    write_label_nifti(out / f"{name}_label.nii.gz", label, src.spacing)
+    return f"{name}.dcm", f"{name}_label.nii.gz"
+
+
+def _run_protocol(args: argparse.Namespace, sources: list[Source], protocol: dict, out: Path) -> int:
+    """Write the fixed real-domain split of ``protocol`` (see ``configs/real_protocol.json``).
+
+    Every named source view gets one MC-free copy (``<view>_clean``, empty label: specificity)
+    and ``variants[split]`` copies with injected MCs (``<view>_inj<k>``: sensitivity), seeded by
+    ``seeds[split]`` and the view's position in its list. ``datalist.json`` holds the three
+    sections; ``cases.json`` the injected clusters.
+
+    Args:
+        args: parsed command line (``rle``, ``clusters``).
+        sources: every readable source view.
+        protocol: the parsed protocol JSON.
+        out: output folder.
+    """
+    by_name = {s.name.upper(): s for s in sources}
+    splits = ("training", "validation", "test")
+    named = [n for sp in splits for n in protocol.get(sp, [])]
+    dup = sorted({n for n in named if named.count(n) > 1})
+    if dup:
+        raise SystemExit(f"{args.protocol}: views in more than one split: {dup}")
+    missing = [n for n in named if n.upper() not in by_name]
+    if missing:
+        raise SystemExit(f"{args.protocol}: views not found among the sources: {missing} (have {sorted(by_name)})")
+    datalist: dict[str, list[dict[str, str]]] = {sp: [] for sp in splits}
+    cases = []
+    for sp in splits:
+        n_var = int(protocol.get("variants", {}).get(sp, 1))
+        seed = int(protocol.get("seeds", {}).get(sp, 0))
+        for k, view in enumerate(protocol.get(sp, [])):
+            src = by_name[view.upper()]
+            image, breast, avoid, flipped = _prepared(src)
+            max_v = (1 << src.bits_stored) - 1
+            clean = np.clip(np.rint(image), 0, max_v).astype(np.uint16)
+            img_name, lab_name = _write_case(
+                out, f"{src.name}_clean", src, clean, np.zeros(clean.shape, np.uint8), seed + 100 * k, f"{sp[:3].upper()}{k:03d}",
+                args.rle, f"MC-free copy of {Path(src.origin).name}",
+            )
+            datalist[sp].append({"image": img_name, "label": lab_name, "view": src.name, "kind": "clean"})
+            cases.append({"case": f"{src.name}_clean", "split": sp, "source": src.origin, "flipped": flipped,
+                          "laterality": src.laterality, "view": src.view, "spacing": src.spacing, "label_pixels": 0,
+                          "clusters": []})
+            print(f"[{sp}] {src.name}_clean", flush=True)
+            for v in range(n_var):
+                rng = np.random.default_rng(np.random.SeedSequence([seed, k, v]))
+                inj, label, clusters = inject_mcs(image, breast, src.spacing, rng, n_clusters=tuple(args.clusters), avoid=avoid)
+                pixels = np.clip(np.rint(inj), 0, max_v).astype(np.uint16)
+                name = f"{src.name}_inj{v}"
+                img_name, lab_name = _write_case(
+                    out, name, src, pixels, label, seed + 100 * k + v + 1, f"{sp[:3].upper()}{k:03d}", args.rle,
+                    f"synthetic MCs injected into {Path(src.origin).name}",
+                )
+                datalist[sp].append({"image": img_name, "label": lab_name, "view": src.name, "kind": "injected"})
+                cases.append({"case": name, "split": sp, "source": src.origin, "flipped": flipped,
+                              "laterality": src.laterality, "view": src.view, "spacing": src.spacing,
+                              "label_pixels": int(label.sum()), "clusters": clusters})
+                print(f"[{sp}] {name}: {len(clusters)} clusters, {int(label.sum())} label pixels", flush=True)
+    _write_json(out / "cases.json", cases)
+    _write_json(out / "datalist.json", datalist)
+    for sp in splits:
+        sub = out / sp
+        sub.mkdir(exist_ok=True)
+        for e in datalist[sp]:  # one folder per split, for the main command's --dataset_dir
+            for key in ("image", "label"):
+                link = sub / e[key]
+                if not link.exists():
+                    os.symlink(os.path.join("..", e[key]), link)
+    print(f"wrote {sum(len(v) for v in datalist.values())} images and {out / 'datalist.json'}")
     return 0
 
 

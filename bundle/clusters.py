@@ -1,0 +1,177 @@
+"""Marks and clusters on a binary map: the geometry shared by inference (``clusters.csv``) and evaluation.
+
+An MC *mark* is a connected component of a predicted mask; a *cluster* is a single-linkage
+group of mark centres (default link 5 mm) with at least ``min_count`` (default 3) members, the
+clinical definition (>= 3 MCs within about 1 cm^2). scipy has single linkage
+(``scipy.cluster.hierarchy``) but it needs the O(n^2) condensed distance matrix, which a map with
+tens of thousands of marks does not fit in; the Delaunay route below is exact and O(n log n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import Delaunay, QhullError, cKDTree
+
+__all__ = ["single_linkage_groups", "find_clusters", "mark_table", "cluster_table"]
+
+
+def _pairs_within(points: np.ndarray, radius: float) -> np.ndarray:
+    return cKDTree(points).query_pairs(r=radius, output_type="ndarray").reshape(-1, 2)
+
+
+def single_linkage_groups(points: np.ndarray, link_distance: float) -> np.ndarray:
+    """Single-linkage grouping: points closer than ``link_distance`` (inclusive) share a group.
+
+    Exact and O(n log n): the Euclidean minimum spanning tree lies in the Delaunay triangulation, so
+    the components of the Delaunay edges no longer than ``link_distance`` are the single-linkage
+    groups. Degenerate inputs (fewer than 4 points, collinear points) use a k-d tree pair search.
+
+    Args:
+        points: (n, 2) coordinates.
+        link_distance: largest linking distance (same unit as ``points``).
+
+    Returns:
+        (n,) int group ids 0..g-1.
+    """
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    n = len(pts)
+    if n == 0:
+        return np.zeros(0, dtype=int)
+    uniq, inverse = np.unique(pts, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    m = len(uniq)
+    edges: np.ndarray | None = None
+    if m >= 4:
+        try:
+            tri = Delaunay(uniq)
+            if np.unique(tri.simplices).size == m:
+                s = tri.simplices
+                e = np.concatenate([s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]])
+                e = np.unique(np.sort(e, axis=1), axis=0)
+                d = np.linalg.norm(uniq[e[:, 0]] - uniq[e[:, 1]], axis=1)
+                edges = e[d <= link_distance * (1.0 + 1e-9)]
+        except (QhullError, ValueError):
+            edges = None
+    if edges is None:
+        edges = _pairs_within(uniq, link_distance * (1.0 + 1e-9))
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(m, m))
+    _, comp = connected_components(graph, directed=False)
+    return comp[inverse].astype(int)
+
+
+def find_clusters(points_mm: np.ndarray, link_mm: float, min_count: int = 3) -> tuple[np.ndarray, int]:
+    """MC clusters: single-linkage groups (``link_mm``) with at least ``min_count`` members.
+
+    Args:
+        points_mm: (n, 2) MC centroids in mm.
+        link_mm: linking distance in mm.
+        min_count: smallest cluster.
+
+    Returns:
+        ``(cluster_ids, n_clusters)``: (n,) ids 0..n_clusters-1, -1 for MCs in no cluster; clusters are
+        numbered in order of their first member.
+    """
+    groups = single_linkage_groups(points_mm, link_mm)
+    ids = np.full(len(groups), -1, dtype=int)
+    if len(groups) == 0:
+        return ids, 0
+    counts = np.bincount(groups)
+    order: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        if counts[g] >= min_count:
+            ids[i] = order.setdefault(int(g), len(order))
+    return ids, len(order)
+
+
+def mark_table(
+    mask: Any,
+    score: Any | None = None,
+    spacing_mm: float | Sequence[float] = 1.0,
+    connectivity: int = 2,
+) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Connected components (marks) of a binary map with their centre, size and score.
+
+    Args:
+        mask: (H, W) binary map (non-zero = marked).
+        score: optional (H, W) map; each mark gets its maximum (``max_score``), NaN without it.
+        spacing_mm: pixel spacing, a float or (row, col) pair.
+        connectivity: 1 (4-) or 2 (8-connectivity).
+
+    Returns:
+        ``(labels, marks)``: (H, W) int32 labels 1..n and one dict per mark with ``row``, ``col``
+        (centre in pixels), ``size_px`` and ``max_score``.
+    """
+    m = np.asarray(mask) > 0
+    if m.ndim != 2:
+        raise ValueError(f"mark_table expects a 2-D mask, got shape {m.shape}")
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 1 else 2)
+    labels, n = ndimage.label(m, structure=structure)
+    if n == 0:
+        return labels.astype(np.int32), []
+    rows, cols = np.nonzero(labels)
+    lab = labels[rows, cols]
+    sizes = np.bincount(lab, minlength=n + 1)[1:]
+    cr = np.bincount(lab, weights=rows, minlength=n + 1)[1:] / sizes
+    cc = np.bincount(lab, weights=cols, minlength=n + 1)[1:] / sizes
+    if score is not None:
+        s = np.asarray(score, dtype=np.float64)
+        if s.shape != m.shape:
+            raise ValueError(f"score shape {s.shape} differs from mask shape {m.shape}")
+        mx = ndimage.maximum(s, labels, index=np.arange(1, n + 1))
+    else:
+        mx = np.full(n, np.nan)
+    marks = [
+        {"row": float(cr[i]), "col": float(cc[i]), "size_px": int(sizes[i]), "max_score": float(mx[i])}
+        for i in range(n)
+    ]
+    return labels.astype(np.int32), marks
+
+
+def cluster_table(
+    marks: Sequence[dict[str, float]],
+    spacing_mm: float | Sequence[float],
+    link_mm: float = 5.0,
+    min_count: int = 3,
+) -> list[dict[str, float]]:
+    """Clusters of marks (single linkage of their centres), strongest first.
+
+    Args:
+        marks: mark dicts from :func:`mark_table`.
+        spacing_mm: pixel spacing, a float or (row, col) pair.
+        link_mm: linking distance in mm.
+        min_count: smallest number of marks in a cluster.
+
+    Returns:
+        One dict per cluster: ``cluster``, ``centre_row``, ``centre_col`` (mean of its mark
+        centres, pixels), ``n_marks``, ``extent_mm`` (largest distance between two mark centres)
+        and ``max_score``; sorted by ``max_score`` then ``n_marks``, descending.
+    """
+    sp = np.broadcast_to(np.asarray(spacing_mm, dtype=float).reshape(-1), (2,)) if np.size(spacing_mm) in (1, 2) else None
+    if sp is None:
+        raise ValueError(f"spacing_mm must be a float or a (row, col) pair, got {spacing_mm!r}")
+    if not marks:
+        return []
+    pix = np.array([[m["row"], m["col"]] for m in marks], dtype=float)
+    pts = pix * sp[None, :]
+    ids, k = find_clusters(pts, link_mm, min_count)
+    out = []
+    for c in range(k):
+        sel = ids == c
+        p = pts[sel]
+        extent = float(np.max(np.linalg.norm(p[:, None] - p[None], axis=-1))) if len(p) > 1 else 0.0
+        scores = np.array([marks[i]["max_score"] for i in np.flatnonzero(sel)], dtype=float)
+        out.append({
+            "centre_row": float(pix[sel, 0].mean()), "centre_col": float(pix[sel, 1].mean()),
+            "n_marks": int(sel.sum()), "extent_mm": extent,
+            "max_score": float(np.nanmax(scores)) if np.isfinite(scores).any() else float("nan"),
+        })
+    out.sort(key=lambda r: (-(r["max_score"] if np.isfinite(r["max_score"]) else -np.inf), -r["n_marks"]))
+    for i, r in enumerate(out):
+        r["cluster"] = i + 1
+    return [{"cluster": r["cluster"], **{k: v for k, v in r.items() if k != "cluster"}} for r in out]
