@@ -83,6 +83,10 @@ def ensure_demo_data(folder: str | os.PathLike, n_cases: int = 3, seed: int = 20
     return str(folder)
 
 
+CLUSTER_COLUMNS = ("cluster", "centre_row", "centre_col", "n_marks", "extent_mm", "max_score")
+"""Columns of ``<stem>_clusters.csv`` (centres in pixels of the input's pixel array)."""
+
+
 class MammogramInference:
     """Run SegAI (and optionally a refinement) on every image of a folder, case by case.
 
@@ -114,6 +118,13 @@ class MammogramInference:
             percentiles 1 and 99 are 0 and 1); values outside are clipped.
         version: version written into derived UIDs and the DICOM (new version, new UIDs);
             ``configs/inference.json`` passes ``metadata.json#version``.
+        cluster_link_mm: single-linkage distance between mark centres of one cluster
+            (``<stem>_clusters.csv``, :func:`bundle.clusters.cluster_table`).
+        cluster_min_count: fewest marks in a cluster.
+        save_cluster_panels: write ``<stem>_clusters.png``, full-resolution zoom panels around the
+            strongest clusters (:func:`bundle.reports.cluster_panels_png`).
+        cluster_panel_crop: side of each panel in source pixels.
+        max_cluster_panels: most panels in ``<stem>_clusters.png``.
     """
 
     def __init__(
@@ -134,6 +145,11 @@ class MammogramInference:
         save_virtual_normal_dicom: bool = True,
         virtual_normal_range: Sequence[float] = (-0.5, 1.5),
         version: str = "unversioned",
+        cluster_link_mm: float = 5.0,
+        cluster_min_count: int = 3,
+        save_cluster_panels: bool = True,
+        cluster_panel_crop: int = 256,
+        max_cluster_panels: int = 4,
     ) -> None:
         self.dataset_dir = dataset_dir or None
         self.output_dir = Path(output_dir)
@@ -151,6 +167,11 @@ class MammogramInference:
         self.save_virtual_normal_dicom = save_virtual_normal_dicom
         self.virtual_normal_range = (float(virtual_normal_range[0]), float(virtual_normal_range[1]))
         self.version = str(version)
+        self.cluster_link_mm = float(cluster_link_mm)
+        self.cluster_min_count = int(cluster_min_count)
+        self.save_cluster_panels = save_cluster_panels
+        self.cluster_panel_crop = int(cluster_panel_crop)
+        self.max_cluster_panels = int(max_cluster_panels)
         self.rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ inputs
@@ -209,14 +230,23 @@ class MammogramInference:
         return d
 
     def write_case(self, stem: str, d: dict[str, Any], source: Path) -> dict[str, Any]:
-        """Write the output files of one case atomically and return its summary row."""
+        """Write the output files of one case atomically and return its summary row.
+
+        Besides the maps: ``<stem>_clusters.csv`` (one row per cluster of the final mask, the
+        refined one when present, strongest first; header only when there is none),
+        ``<stem>_overlay.png`` (marks outlined) and ``<stem>_clusters.png`` (full-resolution zoom
+        panels around the strongest clusters). The row gets ``marks`` (connected components of the
+        final mask) and ``clusters``.
+        """
+        from bundle.clusters import cluster_table
         from bundle.data import save_nifti_atomic
-        from bundle.reports import overlay_png
+        from bundle.reports import cluster_panels_png, grey_levels, overlay_png, write_csv_atomic
 
         case_dir = self.output_dir / stem
         case_dir.mkdir(parents=True, exist_ok=True)
         spacing = tuple(float(s) for s in d["image"].meta.get("spacing", (1.0, 1.0)))
         row: dict[str, Any] = {}
+        saved: dict[str, np.ndarray] = {}
         for key in d["_output_keys"]:
             arr = np.asarray(d[key][0].cpu()) if isinstance(d[key], torch.Tensor) else np.asarray(d[key][0])
             if key.endswith("mask"):
@@ -226,13 +256,25 @@ class MammogramInference:
                 arr = np.clip(np.nan_to_num(arr), 0.0, 1.0).astype(np.float32)
             else:
                 arr = arr.astype(np.float32)
+            saved[key] = arr
             save_nifti_atomic(arr, case_dir / f"{stem}_{key}.nii.gz", spacing=spacing, protect=[source])
             if key == "virtual_normal" and self.save_virtual_normal_dicom:
                 self._write_virtual_normal_dicom(arr, case_dir / f"{stem}_virtual_normal.dcm", source)
-        if self.save_overlay:
+        mask_key, score_key = ("refined_mask", "refined_prob") if "refined_mask" in saved else ("mask", "prob")
+        final = saved[mask_key] > 0
+        marks = _marks_with_scores(final, saved.get(score_key), spacing)
+        clusters = cluster_table(marks, spacing, link_mm=self.cluster_link_mm, min_count=self.cluster_min_count)
+        write_csv_atomic(clusters, case_dir / f"{stem}_clusters.csv", columns=CLUSTER_COLUMNS)
+        row["marks"] = len(marks)
+        row["clusters"] = len(clusters)
+        if self.save_overlay or self.save_cluster_panels:
             img = np.asarray(d["image"][0].cpu(), dtype=np.float32)
-            mask_key = "refined_mask" if "refined_mask" in d["_output_keys"] else "mask"
-            overlay_png(img, np.asarray(d[mask_key][0].cpu()) > 0.5, None, case_dir / f"{stem}_overlay.png")
+            levels = grey_levels(img)
+            if self.save_overlay:
+                overlay_png(img, final, None, case_dir / f"{stem}_overlay.png", style="outline", levels=levels)
+            if self.save_cluster_panels:
+                cluster_panels_png(img, final, clusters, case_dir / f"{stem}_clusters.png", levels=levels,
+                                   crop=self.cluster_panel_crop, max_panels=self.max_cluster_panels)
         breast = d.get("breast")
         if breast is not None:
             b = np.asarray(breast[0].cpu() if isinstance(breast, torch.Tensor) else breast[0]) > 0.5
@@ -308,6 +350,28 @@ class MammogramInference:
             if r["status"] != "ok":
                 logger.warning("FAILED %s: %s", r["case"], r["error"])
         return self.rows
+
+
+def _marks_with_scores(mask: np.ndarray, score: np.ndarray | None, spacing: Sequence[float]) -> list[dict[str, Any]]:
+    """:func:`bundle.clusters.mark_table` of ``mask`` with each mark's maximum of ``score``.
+
+    The maxima are taken over the marked pixels only (``ndimage.maximum`` with one index per
+    label scans the whole image per call and takes seconds on a full-field view with thousands
+    of marks).
+    """
+    from bundle.clusters import mark_table
+
+    labels, marks = mark_table(mask, None, spacing)
+    if score is not None and marks:
+        s = np.asarray(score)
+        if s.shape != labels.shape:
+            raise ValueError(f"score shape {s.shape} differs from mask shape {labels.shape}")
+        rows, cols = np.nonzero(labels)
+        mx = np.full(len(marks), -np.inf)
+        np.maximum.at(mx, labels[rows, cols] - 1, s[rows, cols].astype(np.float64))
+        for m, v in zip(marks, mx):
+            m["max_score"] = float(v)
+    return marks
 
 
 def _input_problem(exc: BaseException, kind: type) -> BaseException | None:
