@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 
-__all__ = ["prepare_phantom_data", "MakeSamplingMapd", "merge_datalists"]
+__all__ = ["prepare_phantom_data", "MakeSamplingMapd", "merge_datalists", "RandAcquisitiond"]
 
 logger = logging.getLogger("mcref.training")
 
@@ -120,6 +120,116 @@ class MakeSamplingMapd(MapTransform):
         m = breast.to(torch.uint8)
         m[label] = 2
         d[self.out_key] = m
+        return d
+
+
+class RandAcquisitiond(Randomizable, MapTransform):
+    """Random acquisition and processing changes of a normalised mammogram crop (training only).
+
+    Real FFDM differ by device and site processing more than by anatomy; a SegAI trained on one
+    kind learns its noise and sharpening as "tissue". Each effect is applied with probability
+    ``prob`` (independently, in this order), with parameters drawn uniformly from its range:
+
+    - gamma / VOI LUT change: ``x -> lo + (hi - lo) * ((x - lo) / (hi - lo)) ** g`` on the crop's
+      own 1-99 % range, ``g`` in ``gamma``;
+    - vendor-like unsharp masking: ``x + a * (x - G_s * x)``, ``a`` in ``unsharp_amount``, ``s`` in
+      ``unsharp_sigma`` pixels;
+    - detector blur: Gaussian of sigma in ``blur_sigma`` pixels;
+    - noise: additive Gaussian, std in ``noise_std`` (units of the normalised breast range);
+    - quantisation (8-bit export, low bit depth): values rounded to a step in ``quant_step``, with
+      the step's offset drawn at random;
+    - JPEG compression of an 8-bit rendering of the crop at a quality in ``jpeg_quality``, the
+      compression error added back to the float crop.
+
+    MONAI has each of these but the last two as separate transforms (``RandAdjustContrastd``,
+    ``RandGaussianSharpend``, ...); they act on [0, 1] images or sharpen differently from the
+    processing of mammography workstations, so one transform with the ranges of real devices is
+    kept here.
+
+    Args:
+        keys: image keys.
+        prob: probability of each effect.
+        gamma: range of the gamma exponent.
+        unsharp_amount: range of the unsharp-mask amount.
+        unsharp_sigma: range of the unsharp-mask sigma in pixels.
+        blur_sigma: range of the blur sigma in pixels.
+        noise_std: range of the noise std.
+        quant_step: range of the quantisation step.
+        jpeg_quality: range of the JPEG quality (PIL, 1-95).
+        seed: seed of the transform's generator (MONAI's ``set_random_state`` reseeds it).
+        allow_missing_keys: see ``MapTransform``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        prob: float = 0.3,
+        gamma: Sequence[float] = (0.6, 1.6),
+        unsharp_amount: Sequence[float] = (0.3, 2.0),
+        unsharp_sigma: Sequence[float] = (1.5, 8.0),
+        blur_sigma: Sequence[float] = (0.3, 1.0),
+        noise_std: Sequence[float] = (0.003, 0.03),
+        quant_step: Sequence[float] = (1.0 / 400, 1.0 / 80),
+        jpeg_quality: Sequence[int] = (60, 95),
+        seed: int = 0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must lie in [0, 1], got {prob}")
+        self.prob = float(prob)
+        self.gamma, self.unsharp_amount, self.unsharp_sigma = tuple(gamma), tuple(unsharp_amount), tuple(unsharp_sigma)
+        self.blur_sigma, self.noise_std, self.quant_step = tuple(blur_sigma), tuple(noise_std), tuple(quant_step)
+        self.jpeg_quality = (int(jpeg_quality[0]), int(jpeg_quality[1]))
+        self.set_random_state(seed)
+
+    def _u(self, rng: Sequence[float]) -> float:
+        return float(self.R.uniform(rng[0], rng[1]))
+
+    def _apply(self, x: np.ndarray) -> np.ndarray:
+        from scipy import ndimage as ndi
+
+        if self.R.rand() < self.prob:
+            lo, hi = np.percentile(x, [1.0, 99.0])
+            if hi - lo > 1e-6:
+                t = np.clip((x - lo) / (hi - lo), 0.0, None)
+                x = lo + (hi - lo) * t ** self._u(self.gamma)
+        if self.R.rand() < self.prob:
+            x = x + self._u(self.unsharp_amount) * (x - ndi.gaussian_filter(x, self._u(self.unsharp_sigma)))
+        if self.R.rand() < self.prob:
+            x = ndi.gaussian_filter(x, self._u(self.blur_sigma))
+        if self.R.rand() < self.prob:
+            x = x + self.R.normal(0.0, self._u(self.noise_std), size=x.shape)
+        if self.R.rand() < self.prob:
+            step = self._u(self.quant_step)
+            off = self.R.uniform(0.0, step)
+            x = np.round((x - off) / step) * step + off
+        if self.R.rand() < self.prob:
+            x = x + self._jpeg_error(x)
+        return x.astype(np.float32)
+
+    def _jpeg_error(self, x: np.ndarray) -> np.ndarray:
+        import io
+
+        from PIL import Image
+
+        lo, hi = float(x.min()), float(x.max())
+        if hi - lo < 1e-6:
+            return np.zeros_like(x)
+        u8 = np.clip(np.round((x - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(u8).save(buf, format="JPEG", quality=int(self.R.randint(self.jpeg_quality[0], self.jpeg_quality[1] + 1)))
+        dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32)
+        return (dec - u8.astype(np.float32)) / 255.0 * (hi - lo)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """Apply the random effects to each key's 2-D channels."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            t = torch.as_tensor(d[key])
+            arr = t.detach().cpu().numpy().astype(np.float64)
+            out = np.stack([self._apply(c) for c in arr.reshape(-1, *arr.shape[-2:])]).reshape(arr.shape)
+            d[key] = torch.as_tensor(out, dtype=torch.float32)
         return d
 
 

@@ -1,0 +1,166 @@
+"""Per-image false-alarm control: the operating point stated as expected false marks per image.
+
+A fixed probability threshold gives a different number of marks on every device and site: the
+same network that leaves five marks on one FFDM leaves thousands on a view with another noise
+level or processing. :class:`FalseAlarmControl` instead reads the operating point from the
+image's own candidates. On any mammogram almost every candidate mark (connected component of the
+map above a low ``candidate_threshold``) is tissue, not calcification. Their ranked scores give
+the image's own null tail: with ``k`` the rank of a candidate and ``s_k`` its score (maximum of
+the map inside it, on the logit scale), ``log k`` falls about linearly with ``s_k`` in the tail (an
+exponential tail of the null scores, as in a-contrario detection). A straight line fitted on ranks
+``fit_ranks`` (far enough down the ranking that the few true MCs of an image barely move it) is
+extrapolated to ``expected_false_marks``: candidates scoring above that point are kept.
+
+A normal image therefore gets about ``expected_false_marks`` marks by construction, whatever its
+device; calcifications survive when they stand out of the image's own tissue, which is what a
+reader does. ``min_threshold`` keeps a floor (a clean image whose candidates are all weak gets
+none), ``max_threshold`` a ceiling (a strong MC is never dropped because the tissue is busy).
+
+The final mask is a hysteresis threshold (``skimage.filters.apply_hysteresis_threshold``): whole
+candidate components whose peak reaches the image's threshold, so a kept mark keeps its extent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["FalseAlarmControl", "null_tail_threshold", "candidate_scores"]
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+    return np.log(q) - np.log1p(-q)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
+
+
+def candidate_scores(
+    prob: np.ndarray, candidate_threshold: float, breast: np.ndarray | None = None, connectivity: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate marks of a map and their peak scores.
+
+    Args:
+        prob: (H, W) map in [0, 1].
+        candidate_threshold: pixels at or above it form candidates.
+        breast: optional mask; candidates are taken inside it only.
+        connectivity: 1 (4-) or 2 (8-connectivity).
+
+    Returns:
+        ``(labels, scores)``: (H, W) int32 candidate labels 1..n and their (n,) peak values.
+    """
+    p = np.nan_to_num(np.asarray(prob, dtype=np.float32), nan=0.0)
+    if p.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {p.shape}")
+    cand = p >= candidate_threshold
+    if breast is not None:
+        b = np.asarray(breast) > 0
+        if b.shape != p.shape:
+            raise ValueError(f"breast shape {b.shape} differs from map shape {p.shape}")
+        cand &= b
+    labels, n = ndimage.label(cand, structure=ndimage.generate_binary_structure(2, connectivity))
+    if n == 0:
+        return labels.astype(np.int32), np.zeros(0, np.float64)
+    scores = ndimage.maximum(p, labels, index=np.arange(1, n + 1))
+    return labels.astype(np.int32), np.asarray(scores, dtype=np.float64)
+
+
+def null_tail_threshold(
+    scores: Sequence[float] | np.ndarray,
+    expected_false_marks: float,
+    fit_ranks: Sequence[int] = (30, 300),
+    min_threshold: float = 0.5,
+    max_threshold: float = 0.999,
+) -> float:
+    """The score above which ``expected_false_marks`` null candidates are expected.
+
+    Args:
+        scores: peak scores of one image's candidates, in (0, 1).
+        expected_false_marks: wanted expected number of false marks on the image.
+        fit_ranks: ``(first, last)`` ranks (1 = strongest) of the tail fit; with fewer than
+            ``first`` candidates no fit is made and ``min_threshold`` is returned.
+        min_threshold: lowest threshold returned.
+        max_threshold: highest threshold returned.
+
+    Returns:
+        The threshold, in ``[min_threshold, max_threshold]``.
+    """
+    if expected_false_marks <= 0:
+        raise ValueError(f"expected_false_marks must be > 0, got {expected_false_marks}")
+    lo, hi = int(fit_ranks[0]), int(fit_ranks[1])
+    if not 1 <= lo < hi:
+        raise ValueError(f"fit_ranks must be 1 <= first < last, got {fit_ranks}")
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())[::-1]
+    if s.size < lo:
+        return float(min_threshold)
+    hi = min(hi, s.size)
+    ranks = np.arange(lo, hi + 1, dtype=np.float64)
+    g = _logit(s[lo - 1 : hi])
+    if hi - lo < 2 or np.ptp(g) < 1e-9:
+        return float(min_threshold)
+    slope, intercept = np.polyfit(g, np.log(ranks), 1)  # log k = intercept + slope * g, slope < 0
+    if not slope < 0:
+        return float(min_threshold)
+    g_star = (math.log(expected_false_marks) - intercept) / slope
+    return float(min(max(_sigmoid(g_star), min_threshold), max_threshold))
+
+
+class FalseAlarmControl:
+    """Final mask of a map at ``expected_false_marks`` expected false marks per image.
+
+    Args:
+        expected_false_marks: the operating point: false marks expected on a normal image.
+        candidate_threshold: the map's low threshold that forms candidate marks (and the extent
+            of a kept mark).
+        fit_ranks: ranks of the null-tail fit (see :func:`null_tail_threshold`).
+        min_threshold: floor of the per-image threshold.
+        max_threshold: ceiling of the per-image threshold.
+        connectivity: 1 (4-) or 2 (8-connectivity) of the marks.
+    """
+
+    def __init__(
+        self,
+        expected_false_marks: float = 10.0,
+        candidate_threshold: float = 0.1,
+        fit_ranks: Sequence[int] = (30, 300),
+        min_threshold: float = 0.5,
+        max_threshold: float = 0.999,
+        connectivity: int = 2,
+    ) -> None:
+        if not 0.0 < candidate_threshold < 1.0:
+            raise ValueError(f"candidate_threshold must lie in (0, 1), got {candidate_threshold}")
+        if not candidate_threshold <= min_threshold <= max_threshold:
+            raise ValueError(
+                f"need candidate_threshold <= min_threshold <= max_threshold, got {candidate_threshold}, "
+                f"{min_threshold}, {max_threshold}"
+            )
+        self.expected_false_marks = float(expected_false_marks)
+        self.candidate_threshold = float(candidate_threshold)
+        self.fit_ranks = (int(fit_ranks[0]), int(fit_ranks[1]))
+        self.min_threshold = float(min_threshold)
+        self.max_threshold = float(max_threshold)
+        self.connectivity = int(connectivity)
+        null_tail_threshold([], 1.0, self.fit_ranks)  # validates fit_ranks early
+
+    def __call__(self, prob: Any, breast: Any | None = None) -> dict[str, Any]:
+        """Mask and operating point of one image.
+
+        Args:
+            prob: (H, W) map in [0, 1] (SegAI or refined probability).
+            breast: optional (H, W) breast mask; marks are kept inside it only.
+
+        Returns:
+            dict with ``mask`` (H, W) bool, ``threshold`` (this image's), ``n_candidates`` and
+            ``n_marks``.
+        """
+        p = np.asarray(prob, dtype=np.float32)
+        labels, scores = candidate_scores(p, self.candidate_threshold, breast, self.connectivity)
+        t = null_tail_threshold(scores, self.expected_false_marks, self.fit_ranks, self.min_threshold, self.max_threshold)
+        keep = np.concatenate([[False], scores >= t])
+        return {"mask": keep[labels], "threshold": t, "n_candidates": int(scores.size), "n_marks": int(keep.sum())}
