@@ -6,7 +6,19 @@ Pure functions (numpy in, python values out):
   rate, true activation rate, FNR, specificity, balanced accuracy, G-mean.
 - :func:`object_stats`: truth MC objects (connected components), their equivalent diameter, whether
   any predicted-positive pixel touches them, and predicted components touching no truth object.
-- :func:`aggregate`: mean over cases ignoring NaN, plus pooled object detection rate and pooled Dice.
+- :func:`aggregate`: mean over cases ignoring NaN, plus pooled object detection rate and pooled Dice
+  (and pooled cluster sensitivity, object IoU and false marks per cm^2 when the rows have them).
+
+Reader-facing detection metrics (``docs/metrics.md``, "Detection metrics"):
+
+- :func:`object_iou`: IoU of each truth MC object with the predicted components overlapping it
+  (HDoGReg's object IoU), mean over all truth objects and over the detected ones.
+- :func:`truth_clusters`, :func:`cluster_stats`: MC clusters (>= 3 marks, single linkage 5 mm) of the
+  truth and the prediction; detected truth clusters and false-positive clusters of one image.
+- :func:`detection_curve`, :func:`pool_detection_curves`, :func:`interpolate_tpr`,
+  :func:`curve_summary`: the same counts swept over probability thresholds, pooled over images into
+  the cluster FROC (sensitivity vs false-positive clusters per image) and the object TPR vs false
+  marks per cm^2 of breast, summarised at given rates.
 
 Ignite pieces:
 
@@ -39,6 +51,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from scipy import ndimage
 
+from bundle.clusters import find_clusters, mark_table
 from bundle.reports import overlay_png, write_csv_atomic
 
 __all__ = [
@@ -47,6 +60,18 @@ __all__ = [
     "pixel_stats",
     "object_stats",
     "aggregate",
+    "DEFAULT_SWEEP_THRESHOLDS",
+    "DEFAULT_FROC_FP_RATES",
+    "DEFAULT_FP_PER_CM2_RATES",
+    "CURVE_COLUMNS",
+    "object_iou",
+    "truth_clusters",
+    "cluster_stats",
+    "detection_curve",
+    "pool_detection_curves",
+    "interpolate_tpr",
+    "curve_summary",
+    "curve_metric_names",
     "MCMetricsHandler",
     "ActivationRate",
     "MLflowArtifactsHandler",
@@ -70,6 +95,28 @@ DEFAULT_METRIC_NAMES: tuple[str, ...] = (
     "object_detection_rate_pooled",
     "image_detection_rate",
     "fp_objects_per_image",
+    "fp_marks_per_image",
+    "fp_clusters_per_image",
+    "cluster_sensitivity_pooled",
+    "object_iou_pooled",
+    "object_iou_detected_pooled",
+    "fp_marks_per_cm2_pooled",
+)
+
+#: probability thresholds of the detection sweeps (the study's default FROC grid); the operating
+#: threshold is always added.
+DEFAULT_SWEEP_THRESHOLDS: tuple[float, ...] = (
+    0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99
+)
+#: false-positive clusters per image at which the cluster FROC is summarised (``froc_score``).
+DEFAULT_FROC_FP_RATES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: false-positive marks per cm^2 of breast at which the object TPR is reported (HDoGReg's operating points).
+DEFAULT_FP_PER_CM2_RATES: tuple[float, ...] = (0.1, 0.5, 1.0)
+#: columns of the pooled detection curve (:func:`pool_detection_curves`), one row per threshold.
+CURVE_COLUMNS: tuple[str, ...] = (
+    "threshold", "n_images", "n_truth_clusters", "detected_clusters", "cluster_sensitivity", "fp_clusters",
+    "fp_clusters_per_image", "n_objects", "detected_objects", "object_tpr", "fp_marks", "fp_marks_per_image",
+    "breast_area_cm2", "fp_marks_per_cm2",
 )
 
 
@@ -299,7 +346,13 @@ def aggregate(per_case: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     added when their counts are present:
 
     - ``object_detection_rate_pooled`` = sum of ``n_detected`` / sum of ``n_objects``;
-    - ``dice_pooled`` = 2 sum TP / (2 sum TP + sum FP + sum FN).
+    - ``dice_pooled`` = 2 sum TP / (2 sum TP + sum FP + sum FN);
+    - ``cluster_sensitivity_pooled`` = sum of ``n_detected_clusters`` / sum of ``n_truth_clusters``
+      (images without a truth cluster add nothing);
+    - ``fp_marks_per_cm2_pooled`` = sum of ``n_fp_objects`` / sum of ``breast_area_cm2``;
+    - ``object_iou_pooled`` = mean IoU over all truth objects of all cases (``object_iou`` weighted by
+      ``n_objects_all``) and ``object_iou_detected_pooled`` (``object_iou_detected`` weighted by
+      ``n_detected_all``).
 
     Args:
         per_case: one mapping per case, e.g. ``{**pixel_stats(...), **object_stats(...)}``.
@@ -330,6 +383,410 @@ def aggregate(per_case: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     tp, fp, fn = total("tp"), total("fp"), total("fn")
     if tp is not None and fp is not None and fn is not None:
         out["dice_pooled"] = 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
+    n_tc, n_dc = total("n_truth_clusters"), total("n_detected_clusters")
+    if n_tc is not None and n_dc is not None:
+        out["cluster_sensitivity_pooled"] = _ratio(n_dc, n_tc)
+    n_fpo, area = total("n_fp_objects"), total("breast_area_cm2")
+    if n_fpo is not None and area is not None:
+        out["fp_marks_per_cm2_pooled"] = _ratio(n_fpo, area)
+    for key, count in (("object_iou", "n_objects_all"), ("object_iou_detected", "n_detected_all")):
+        pairs = [(float(r[key]), float(r[count])) for r in per_case
+                 if _is_number(r.get(key)) and _is_number(r.get(count)) and not math.isnan(float(r[key]))]
+        if pairs or any(key in r for r in per_case):
+            n = sum(c for _, c in pairs)
+            out[f"{key}_pooled"] = _ratio(sum(v * c for v, c in pairs), n)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# reader-facing detection metrics: false marks, clusters, object IoU, FROC, TPR at FP/cm^2
+# ----------------------------------------------------------------------------------------------
+def _area_cm2(n_px: int, spacing: tuple[float, float]) -> float:
+    return float(n_px) * spacing[0] * spacing[1] / 100.0
+
+
+def object_iou(pred: Any, truth: Any, connectivity: int = 2) -> dict[str, Any]:
+    """
+    Object IoU (HDoGReg, Marasinou et al. 2021): for each truth MC object, the intersection over
+    union of the object and the union of the predicted components that overlap it.
+
+    Truth objects and predicted components are connected components (``connectivity=2``:
+    8-connectivity). An object no predicted component overlaps is undetected and has IoU 0. A
+    predicted component that spans two objects counts, whole, in the union of both.
+
+    Args:
+        pred: (H, W) predicted mask (non-zero = positive); leading singleton dims are allowed.
+        truth: (H, W) truth mask.
+        connectivity: 1 (4-connectivity) or 2 (8-connectivity).
+
+    Returns:
+        dict with ``n_objects`` (all truth objects), ``n_detected`` (objects with IoU > 0), ``iou``
+        ((n_objects,) float array, object ``i`` labelled ``i + 1`` like :func:`object_stats`),
+        ``object_iou`` (mean over all objects, NaN without objects) and ``object_iou_detected`` (mean
+        over the detected ones, NaN when none is detected).
+
+    """
+    p = _as_mask(pred, "pred")
+    t = _as_mask(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"pred shape {p.shape} differs from truth shape {t.shape}.")
+    if connectivity not in (1, 2):
+        raise ValueError(f"connectivity must be 1 or 2 for 2-D masks, got {connectivity}.")
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    tl, n_t = ndimage.label(t, structure=structure)
+    if n_t == 0:
+        return {"n_objects": 0, "n_detected": 0, "iou": np.zeros(0), "object_iou": NAN, "object_iou_detected": NAN}
+    pl, n_p = ndimage.label(p, structure=structure)
+    t_sizes = np.bincount(tl.ravel(), minlength=n_t + 1)[1:].astype(float)
+    inter = np.bincount(tl[p], minlength=n_t + 1)[1:].astype(float)  # predicted pixels inside each object
+    both = (tl > 0) & (pl > 0)
+    codes = np.unique(tl[both].astype(np.int64) * (n_p + 1) + pl[both])
+    to, po = codes // (n_p + 1), codes % (n_p + 1)  # (truth object, predicted component) pairs that overlap
+    p_sizes = np.bincount(pl.ravel(), minlength=n_p + 1).astype(float)
+    pred_union = np.bincount(to, weights=p_sizes[po], minlength=n_t + 1)[1:]
+    iou = inter / (t_sizes + pred_union - inter)
+    detected = inter > 0
+    return {
+        "n_objects": int(n_t),
+        "n_detected": int(detected.sum()),
+        "iou": iou,
+        "object_iou": float(iou.mean()),
+        "object_iou_detected": float(iou[detected].mean()) if detected.any() else NAN,
+    }
+
+
+def truth_clusters(
+    truth: Any,
+    spacing_mm: float | Sequence[float],
+    link_mm: float = 5.0,
+    min_count: int = 3,
+    connectivity: int = 2,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """
+    Truth MC objects and their clusters: single-linkage groups of object centres (``link_mm``) with
+    at least ``min_count`` objects (:func:`bundle.clusters.find_clusters`).
+
+    Args:
+        truth: (H, W) truth mask.
+        spacing_mm: pixel spacing in mm, a float or a (row, col) pair.
+        link_mm: linking distance between object centres in mm.
+        min_count: smallest number of objects of a cluster.
+        connectivity: 1 (4-connectivity) or 2 (8-connectivity).
+
+    Returns:
+        ``(labels, cluster_ids, n_clusters)``: (H, W) int32 object labels 1..n (the numbering of
+        :func:`object_stats`), (n,) cluster of each object (-1: none) and the number of clusters.
+
+    """
+    t = _as_mask(truth, "truth")
+    row_mm, col_mm = _spacing_pair(spacing_mm)
+    labels, marks = mark_table(t, spacing_mm=(row_mm, col_mm), connectivity=connectivity)
+    cents = np.array([[m["row"] * row_mm, m["col"] * col_mm] for m in marks], dtype=float).reshape(-1, 2)
+    ids, n_clusters = find_clusters(cents, link_mm, min_count)
+    return labels, ids, int(n_clusters)
+
+
+def _cluster_counts(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+    # bundle.study imports this module: import its cluster machinery when first needed
+    from bundle.study import cluster_counts
+
+    return cluster_counts(*args, **kwargs)
+
+
+def cluster_stats(
+    pred: Any,
+    truth: Any,
+    spacing_mm: float | Sequence[float],
+    link_mm: float = 5.0,
+    min_count: int = 3,
+    min_hit_mcs: int = 1,
+    connectivity: int = 2,
+) -> dict[str, float | int]:
+    """
+    MC clusters of one binary prediction against the truth.
+
+    Marks are the connected components of ``pred`` (the whole image, as ``n_fp_objects`` of
+    :func:`object_stats`); a cluster is a single-linkage group (``link_mm``, default 5 mm) of at least
+    ``min_count`` (default 3) mark centres; truth clusters are built the same way from the truth
+    objects (:func:`truth_clusters`). A truth cluster is detected when one predicted cluster hits
+    (shares a pixel with) at least ``min_hit_mcs`` of its objects; a predicted cluster none of whose
+    marks touches a truth object is a false-positive cluster (one touching only truth objects
+    outside any truth cluster is neither). Counting is ``bundle.study.cluster_counts``. On an image
+    without MCs every predicted cluster is a false positive.
+
+    Args:
+        pred: (H, W) predicted mask (non-zero = positive).
+        truth: (H, W) truth mask.
+        spacing_mm: pixel spacing in mm, a float or a (row, col) pair.
+        link_mm: linking distance in mm.
+        min_count: smallest number of marks (objects) of a cluster.
+        min_hit_mcs: objects of a truth cluster one predicted cluster must hit.
+        connectivity: 1 (4-connectivity) or 2 (8-connectivity).
+
+    Returns:
+        dict with ``n_pred_clusters``, ``n_fp_clusters``, ``n_truth_clusters``,
+        ``n_detected_clusters`` and ``cluster_sensitivity`` (detected / truth clusters, NaN without a
+        truth cluster).
+
+    """
+    p = _as_mask(pred, "pred")
+    t = _as_mask(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"pred shape {p.shape} differs from truth shape {t.shape}.")
+    labels, ids, n_tc = truth_clusters(t, spacing_mm, link_mm, min_count, connectivity)
+    cc = _cluster_counts(
+        p.astype(np.float32), [0.5], labels, ids, n_tc, _spacing_pair(spacing_mm), None, link_mm, min_count,
+        min_hit_mcs, 1, connectivity,
+    )
+    n_det = int(cc["detected"][0])
+    return {
+        "n_pred_clusters": int(cc["pred_clusters"][0]),
+        "n_fp_clusters": int(cc["fp"][0]),
+        "n_truth_clusters": n_tc,
+        "n_detected_clusters": n_det,
+        "cluster_sensitivity": _ratio(n_det, n_tc),
+    }
+
+
+def detection_curve(
+    prob: Any,
+    truth: Any,
+    spacing_mm: float | Sequence[float],
+    thresholds: Sequence[float] = DEFAULT_SWEEP_THRESHOLDS,
+    breast: Any | None = None,
+    min_diameter_mm: float = 0.0,
+    max_size_px: int | None = None,
+    link_mm: float = 5.0,
+    min_count: int = 3,
+    min_hit_mcs: int = 1,
+    connectivity: int = 2,
+) -> dict[str, Any]:
+    """
+    Detection counts of one image swept over probability thresholds (one point per threshold).
+
+    At threshold ``t`` the prediction is ``prob >= t``; its marks (connected components, whole image)
+    and clusters are counted as in :func:`cluster_stats`, a mark touching no truth pixel is a false
+    mark (``n_fp_objects`` of :func:`object_stats`), and a truth object is detected when a
+    predicted-positive pixel falls inside it. Only objects of equivalent diameter
+    ``>= min_diameter_mm`` (and ``size_px <= max_size_px`` when given) count for the object TPR. The
+    breast area (whole image without ``breast``) normalises the false marks per cm^2.
+
+    Args:
+        prob: (H, W) probability map (NaN counts as 0).
+        truth: (H, W) truth mask.
+        spacing_mm: pixel spacing in mm, a float or a (row, col) pair.
+        thresholds: probability thresholds.
+        breast: optional (H, W) breast mask, for the area only.
+        min_diameter_mm: smallest equivalent diameter of a truth object counted for the TPR.
+        max_size_px: optional largest truth object (pixels) counted for the TPR.
+        link_mm: cluster linking distance in mm.
+        min_count: smallest number of marks of a cluster.
+        min_hit_mcs: objects of a truth cluster one predicted cluster must hit.
+        connectivity: 1 (4-connectivity) or 2 (8-connectivity).
+
+    Returns:
+        dict with ``thresholds`` (T,), the per-image totals ``n_objects`` (objects counted for the
+        TPR), ``n_truth_clusters`` and ``breast_area_cm2``, and (T,) int arrays ``detected_objects``,
+        ``fp_marks``, ``pred_marks``, ``detected_clusters``, ``fp_clusters``, ``pred_clusters``.
+
+    """
+    p = np.nan_to_num(_as_2d(prob, "prob").astype(np.float32), nan=0.0)
+    t = _as_mask(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"prob shape {p.shape} differs from truth shape {t.shape}.")
+    spacing = _spacing_pair(spacing_mm)
+    if breast is None:
+        n_breast = p.size
+    else:
+        b = _as_mask(breast, "breast")
+        if b.shape != p.shape:
+            raise ValueError(f"breast shape {b.shape} differs from prob shape {p.shape}.")
+        n_breast = int(np.count_nonzero(b))
+    thr = np.asarray(list(thresholds), dtype=float).reshape(-1)
+    labels, ids, n_tc = truth_clusters(t, spacing, link_mm, min_count, connectivity)
+    cc = _cluster_counts(p, thr, labels, ids, n_tc, spacing, None, link_mm, min_count, min_hit_mcs, 1, connectivity)
+
+    n_all = len(ids)
+    if n_all:
+        sizes = np.bincount(labels.ravel(), minlength=n_all + 1)[1:]
+        diameters = 2.0 * np.sqrt(sizes * spacing[0] * spacing[1] / math.pi)
+        included = diameters >= min_diameter_mm * (1.0 - 1e-9)
+        if max_size_px is not None:
+            included &= sizes <= max_size_px
+        maxp = np.asarray(ndimage.maximum(p, labels, index=np.arange(1, n_all + 1)), dtype=float).reshape(n_all)
+        detected = (maxp[included][None, :] >= thr[:, None]).sum(axis=1)
+    else:
+        included = np.zeros(0, bool)
+        detected = np.zeros(len(thr), dtype=int)
+    return {
+        "thresholds": thr,
+        "n_objects": int(included.sum()),
+        "n_truth_clusters": int(n_tc),
+        "breast_area_cm2": _area_cm2(n_breast, spacing),
+        "detected_objects": detected.astype(int),
+        "fp_marks": np.asarray(cc["fp_objects"], dtype=int),
+        "pred_marks": np.asarray(cc["pred_objects"], dtype=int),
+        "detected_clusters": np.asarray(cc["detected"], dtype=int),
+        "fp_clusters": np.asarray(cc["fp"], dtype=int),
+        "pred_clusters": np.asarray(cc["pred_clusters"], dtype=int),
+    }
+
+
+def pool_detection_curves(curves: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """
+    Pool per-image :func:`detection_curve` results (same thresholds) into the study-level curves.
+
+    Cluster sensitivity and false-positive clusters per image come from ``bundle.study.froc_curve``
+    (sum detected / sum truth clusters; sum FP clusters / number of images); the object TPR is sum
+    detected / sum counted objects; false marks per cm^2 is sum of false marks / sum of breast areas.
+
+    Args:
+        curves: one :func:`detection_curve` dict per image.
+
+    Returns:
+        dict of (T,) arrays named as :data:`CURVE_COLUMNS` (ratios NaN when their denominator is 0).
+
+    Raises:
+        ValueError: when the images were swept over different thresholds.
+
+    """
+    from bundle.study import froc_curve
+
+    if not curves:
+        return {k: np.zeros(0) for k in CURVE_COLUMNS}
+    thr = np.asarray(curves[0]["thresholds"], dtype=float)
+    for c in curves[1:]:
+        other = np.asarray(c["thresholds"], dtype=float)
+        if other.shape != thr.shape or not np.allclose(other, thr):
+            raise ValueError("all images must be swept over the same thresholds.")
+    n_img = len(curves)
+    T = len(thr)
+
+    def stack(key: str) -> np.ndarray:
+        return np.array([np.asarray(c[key], dtype=float) for c in curves]).reshape(n_img, T)
+
+    n_tc = np.array([float(c["n_truth_clusters"]) for c in curves])
+    fpi, sens = froc_curve(stack("detected_clusters"), stack("fp_clusters"), n_tc)
+    n_obj = float(sum(c["n_objects"] for c in curves))
+    area = float(sum(c["breast_area_cm2"] for c in curves))
+    det_obj, fp_marks = stack("detected_objects").sum(axis=0), stack("fp_marks").sum(axis=0)
+    return {
+        "threshold": thr,
+        "n_images": np.full(T, float(n_img)),
+        "n_truth_clusters": np.full(T, n_tc.sum()),
+        "detected_clusters": stack("detected_clusters").sum(axis=0),
+        "cluster_sensitivity": np.asarray(sens, dtype=float),
+        "fp_clusters": stack("fp_clusters").sum(axis=0),
+        "fp_clusters_per_image": np.asarray(fpi, dtype=float),
+        "n_objects": np.full(T, n_obj),
+        "detected_objects": det_obj,
+        "object_tpr": det_obj / n_obj if n_obj else np.full(T, NAN),
+        "fp_marks": fp_marks,
+        "fp_marks_per_image": fp_marks / n_img,
+        "breast_area_cm2": np.full(T, area),
+        "fp_marks_per_cm2": fp_marks / area if area > 0 else np.full(T, NAN),
+    }
+
+
+def interpolate_tpr(fp_rate: Any, tpr: Any, targets: Sequence[float]) -> np.ndarray:
+    """
+    True-positive rate of a swept detector at given false-positive rates, linearly interpolated.
+
+    The operating points are sorted by false-positive rate; each TPR is replaced by the best TPR at
+    or below its rate (running maximum), the point (0, 0) (a threshold above every probability) is
+    added, and the TPR at each target is interpolated linearly between neighbouring points (a
+    random mix of the two thresholds reaches any point between them). Beyond the largest rate the
+    curve stays at its last TPR (a detector may stop short of a rate). Points with a NaN coordinate
+    are ignored; with no valid point, or a NaN TPR everywhere, the result is NaN.
+
+    Args:
+        fp_rate: (T,) false-positive rates of the operating points (e.g. false marks per cm^2).
+        tpr: (T,) true-positive rates of the same points.
+        targets: false-positive rates to read the TPR at.
+
+    Returns:
+        (len(targets),) float array.
+
+    """
+    x = np.asarray(_to_numpy(fp_rate), dtype=float).reshape(-1)
+    y = np.asarray(_to_numpy(tpr), dtype=float).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"fp_rate and tpr differ in length: {x.shape} vs {y.shape}.")
+    tg = np.asarray(list(targets), dtype=float).reshape(-1)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if not ok.any():
+        return np.full(tg.shape, NAN)
+    x, y = x[ok], y[ok]
+    order = np.lexsort((y, x))
+    x, y = np.concatenate([[0.0], x[order]]), np.concatenate([[0.0], y[order]])
+    y = np.maximum.accumulate(y)
+    ux, last = np.unique(x[::-1], return_index=True)  # last occurrence of each rate: its best TPR
+    uy = y[::-1][last]
+    return np.interp(tg, ux, uy)
+
+
+def _rate_key(value: float) -> str:
+    return f"{float(value):g}"
+
+
+def curve_metric_names(
+    froc_fp_rates: Sequence[float] = DEFAULT_FROC_FP_RATES,
+    fp_per_cm2_rates: Sequence[float] = DEFAULT_FP_PER_CM2_RATES,
+) -> tuple[str, ...]:
+    """
+    Names of the entries :func:`curve_summary` returns.
+
+    Args:
+        froc_fp_rates: FP clusters per image of the FROC summary.
+        fp_per_cm2_rates: false marks per cm^2 of the TPR read-outs.
+
+    Returns:
+        ``froc_score``, ``froc_sens_at_<f>`` for each FROC rate and ``tpr_at_<r>_fp_per_cm2`` for each
+        rate per cm^2 (rates written with ``%g``).
+
+    """
+    return (
+        ("froc_score",)
+        + tuple(f"froc_sens_at_{_rate_key(f)}" for f in froc_fp_rates)
+        + tuple(f"tpr_at_{_rate_key(r)}_fp_per_cm2" for r in fp_per_cm2_rates)
+    )
+
+
+def curve_summary(
+    pooled: Mapping[str, Any],
+    froc_fp_rates: Sequence[float] = DEFAULT_FROC_FP_RATES,
+    fp_per_cm2_rates: Sequence[float] = DEFAULT_FP_PER_CM2_RATES,
+) -> dict[str, float]:
+    """
+    Summary values of a pooled detection curve (:func:`pool_detection_curves`).
+
+    - ``froc_sens_at_<f>`` and ``froc_score``: ``bundle.study.froc_summary`` of the cluster FROC,
+      i.e. the best cluster sensitivity among the points with at most ``f`` FP clusters per image (0
+      when none is that low), and their mean over ``froc_fp_rates``; NaN without truth clusters.
+    - ``tpr_at_<r>_fp_per_cm2``: :func:`interpolate_tpr` of the object TPR against the false marks
+      per cm^2 of breast; NaN without counted truth objects.
+
+    Args:
+        pooled: the pooled curve.
+        froc_fp_rates: FP clusters per image of the FROC summary.
+        fp_per_cm2_rates: false marks per cm^2 of the TPR read-outs.
+
+    Returns:
+        dict named as :func:`curve_metric_names`.
+
+    """
+    from bundle.study import froc_summary
+
+    fpi = np.asarray(pooled.get("fp_clusters_per_image", []), dtype=float)
+    sens = np.asarray(pooled.get("cluster_sensitivity", []), dtype=float)
+    out: dict[str, float] = {}
+    fs = froc_summary(fpi, sens, list(froc_fp_rates)) if fpi.size else {}
+    out["froc_score"] = float(fs.get("froc_score", NAN))
+    for f in froc_fp_rates:
+        out[f"froc_sens_at_{_rate_key(f)}"] = float(fs.get(f"sens_at_{f:g}", NAN))
+    tprs = interpolate_tpr(pooled.get("fp_marks_per_cm2", []), pooled.get("object_tpr", []), list(fp_per_cm2_rates))
+    for r, v in zip(fp_per_cm2_rates, tprs):
+        out[f"tpr_at_{_rate_key(r)}_fp_per_cm2"] = float(v)
     return out
 
 
@@ -423,10 +880,13 @@ def _case_name(meta: Mapping[str, Any], index: int) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------
 class MCMetricsHandler:
     """
-    Ignite handler computing :func:`pixel_stats` and :func:`object_stats` for every image of every
-    iteration and, at the end of each epoch, putting the averages (:func:`aggregate`) into
-    ``engine.state.metrics`` so that MONAI ``StatsHandler``/``MLFlowHandler``/``TensorBoardStatsHandler``
-    log them (attach this handler before those).
+    Ignite handler computing :func:`pixel_stats`, :func:`object_stats`, :func:`object_iou` and the
+    cluster counts of :func:`cluster_stats` for every image of every iteration and, at the end of
+    each epoch, putting the averages (:func:`aggregate`) into ``engine.state.metrics`` so that MONAI
+    ``StatsHandler``/``MLFlowHandler``/``TensorBoardStatsHandler`` log them (attach this handler
+    before those). With ``sweep_thresholds`` it also sweeps each probability map
+    (:func:`detection_curve`) and adds the pooled cluster FROC and the object TPR at given false
+    marks per cm^2 (:func:`curve_summary`).
 
     Inputs per iteration: ``engine.state.output`` is a list of dicts (MONAI engines with
     ``decollate=True``) or a dict of batched tensors, holding ``pred_key`` (probability, (C, H, W));
@@ -453,15 +913,30 @@ class MCMetricsHandler:
         max_object_size_px: optional upper object size (pixels) for object detection.
         pred_channel: channel of ``pred`` holding the MC probability; None: 0 for one channel,
             else the last channel.
-        metric_names: summary entries copied into ``engine.state.metrics``.
+        metric_names: summary entries copied into ``engine.state.metrics`` (with the sweep, the
+            names of :func:`curve_metric_names` are added).
         overlay_max_side: longest side of the overlay PNGs.
         name: logger name.
+        cluster_link_mm: single-linkage distance between mark centres of a cluster, in mm.
+        cluster_min_count: smallest number of marks of a cluster.
+        cluster_min_hit_mcs: objects of a truth cluster one predicted cluster must hit to detect it.
+        sweep_thresholds: probability thresholds of the detection sweep (the operating threshold is
+            added), e.g. :data:`DEFAULT_SWEEP_THRESHOLDS`; None (default) for no sweep. The sweep
+            costs one labelling and clustering per threshold and image.
+        froc_fp_rates: FP clusters per image of the FROC summary (``froc_sens_at_<f>``, ``froc_score``).
+        fp_per_cm2_rates: false marks per cm^2 of breast at which the object TPR is read
+            (``tpr_at_<r>_fp_per_cm2``).
+        curve_csv_path: when given (and sweeping), the pooled curve (:data:`CURVE_COLUMNS`, one row
+            per threshold) is written there at each epoch end.
 
     Attributes:
         rows: per-case dicts of the last (or current) epoch.
         object_rows: per-object dicts of the last epoch (with the case name).
+        curves: per-case :func:`detection_curve` dicts of the last epoch (with the sweep).
+        curve: the pooled curve of the last epoch (:func:`pool_detection_curves`), empty without sweep.
         summary: :func:`aggregate` of ``rows`` after the last epoch, with the aliases
-            ``image_detection_rate`` and ``fp_objects_per_image``.
+            ``image_detection_rate``, ``fp_objects_per_image`` = ``fp_marks_per_image`` and
+            ``fp_clusters_per_image``, and the :func:`curve_summary` entries with the sweep.
 
     """
 
@@ -485,6 +960,13 @@ class MCMetricsHandler:
         metric_names: Sequence[str] = DEFAULT_METRIC_NAMES,
         overlay_max_side: int = 1024,
         name: str | None = None,
+        cluster_link_mm: float = 5.0,
+        cluster_min_count: int = 3,
+        cluster_min_hit_mcs: int = 1,
+        sweep_thresholds: Sequence[float] | None = None,
+        froc_fp_rates: Sequence[float] = DEFAULT_FROC_FP_RATES,
+        fp_per_cm2_rates: Sequence[float] = DEFAULT_FP_PER_CM2_RATES,
+        curve_csv_path: str | os.PathLike | None = None,
     ) -> None:
         self.threshold = float(threshold)
         self.min_diameter_mm = float(min_diameter_mm)
@@ -504,8 +986,23 @@ class MCMetricsHandler:
         self.metric_names = tuple(metric_names)
         self.overlay_max_side = int(overlay_max_side)
         self.logger = logging.getLogger(name or __name__)
+        self.cluster_link_mm = float(cluster_link_mm)
+        self.cluster_min_count = int(cluster_min_count)
+        self.cluster_min_hit_mcs = int(cluster_min_hit_mcs)
+        self.sweep = sweep_thresholds is not None
+        grid = list(sweep_thresholds or []) + [self.threshold]
+        self.grid = np.unique(np.asarray(grid, dtype=float))
+        self._op = int(np.flatnonzero(self.grid == self.threshold)[0])
+        self.froc_fp_rates = tuple(float(f) for f in froc_fp_rates)
+        self.fp_per_cm2_rates = tuple(float(r) for r in fp_per_cm2_rates)
+        self.curve_csv_path = curve_csv_path
+        if self.sweep:
+            extra = curve_metric_names(self.froc_fp_rates, self.fp_per_cm2_rates)
+            self.metric_names += tuple(k for k in extra if k not in self.metric_names)
         self.rows: list[dict[str, Any]] = []
         self.object_rows: list[dict[str, Any]] = []
+        self.curves: list[dict[str, Any]] = []
+        self.curve: dict[str, np.ndarray] = {}
         self.summary: dict[str, float] = {}
         self._n_overlays = 0
         self._warned_spacing = False
@@ -530,6 +1027,7 @@ class MCMetricsHandler:
         """Forget the rows of the previous epoch."""
         self.rows = []
         self.object_rows = []
+        self.curves = []
         self._n_overlays = 0
 
     def epoch_started(self, engine: Engine) -> None:
@@ -643,6 +1141,16 @@ class MCMetricsHandler:
             connectivity=2,
             max_size_px=self.max_object_size_px,
         )
+        iou = object_iou(mask, truth, connectivity=2)
+        # the operating threshold is one point of the sweep (the only one without sweep)
+        curve = detection_curve(
+            prob, truth, spacing, self.grid if self.sweep else [self.threshold], breast_m,
+            min_diameter_mm=self.min_diameter_mm, max_size_px=self.max_object_size_px,
+            link_mm=self.cluster_link_mm, min_count=self.cluster_min_count,
+            min_hit_mcs=self.cluster_min_hit_mcs, connectivity=2,
+        )
+        op = self._op if self.sweep else 0
+        n_tc, n_dc = curve["n_truth_clusters"], int(curve["detected_clusters"][op])
         row: dict[str, Any] = {
             "case": case,
             "filename": filename,
@@ -658,9 +1166,21 @@ class MCMetricsHandler:
             "n_objects_all": obj["n_objects_all"],
             "n_pred_objects": obj["n_pred_objects"],
             "n_fp_objects": obj["n_fp_objects"],
+            "n_detected_all": iou["n_detected"],
+            "object_iou": iou["object_iou"],
+            "object_iou_detected": iou["object_iou_detected"],
+            "n_pred_clusters": int(curve["pred_clusters"][op]),
+            "n_fp_clusters": int(curve["fp_clusters"][op]),
+            "n_truth_clusters": n_tc,
+            "n_detected_clusters": n_dc,
+            "cluster_sensitivity": _ratio(n_dc, n_tc),
+            "breast_area_cm2": curve["breast_area_cm2"],
+            "fp_marks_per_cm2": _ratio(obj["n_fp_objects"], curve["breast_area_cm2"]),
         }
         self.rows.append(row)
         self.object_rows.extend({"case": case, **o} for o in obj["objects"])
+        if self.sweep:
+            self.curves.append({"case": case, **curve})
 
         if self.overlay_dir is not None and self._n_overlays < self.max_overlays:
             img = np.zeros(mask.shape, np.float32) if image is None else _as_2d(image, "image")
@@ -680,11 +1200,18 @@ class MCMetricsHandler:
     def compute(self) -> dict[str, float]:
         """
         Summary of the stored rows: :func:`aggregate` plus the aliases ``image_detection_rate``
-        (mean of ``image_detected``) and ``fp_objects_per_image`` (mean of ``n_fp_objects``).
+        (mean of ``image_detected``), ``fp_objects_per_image`` and ``fp_marks_per_image`` (mean of
+        ``n_fp_objects``) and ``fp_clusters_per_image`` (mean of ``n_fp_clusters``); with the sweep,
+        the pooled curve goes to ``self.curve`` and its :func:`curve_summary` into the summary.
         """
         summary = aggregate(self.rows)
         summary["image_detection_rate"] = summary.get("image_detected", NAN)
         summary["fp_objects_per_image"] = summary.get("n_fp_objects", NAN)
+        summary["fp_marks_per_image"] = summary.get("n_fp_objects", NAN)
+        summary["fp_clusters_per_image"] = summary.get("n_fp_clusters", NAN)
+        if self.sweep:
+            self.curve = pool_detection_curves(self.curves) if self.curves else {}
+            summary.update(curve_summary(self.curve, self.froc_fp_rates, self.fp_per_cm2_rates))
         return summary
 
     def epoch_completed(self, engine: Engine) -> None:
@@ -702,6 +1229,10 @@ class MCMetricsHandler:
             write_csv_atomic(self.rows, self.csv_path)
         if self.objects_csv_path is not None:
             write_csv_atomic(self.object_rows, self.objects_csv_path, columns=OBJECT_COLUMNS)
+        if self.sweep and self.curve_csv_path is not None:
+            n = len(self.curve.get("threshold", []))
+            table = [{k: float(self.curve[k][i]) for k in CURVE_COLUMNS} for i in range(n)]
+            write_csv_atomic(table, self.curve_csv_path, columns=CURVE_COLUMNS)
         self.logger.info(
             f"{len(self.rows)} cases: "
             + ", ".join(f"{k}={self.summary.get(k, NAN):.4f}" for k in ("dice", "sensitivity", "activation_rate"))

@@ -453,7 +453,8 @@ def cluster_counts(
 
     Returns:
         dict of (T,) int arrays ``detected`` (truth clusters detected), ``fp`` (false-positive
-        clusters), ``pred_clusters``, ``pred_objects``.
+        clusters), ``pred_clusters``, ``pred_objects`` and ``fp_objects`` (predicted MCs touching no
+        truth pixel: false marks).
     """
     p = np.nan_to_num(_np2d(prob, "prob", np.float32), nan=0.0)
     b = None if breast is None else _mask(breast, "breast")
@@ -462,19 +463,21 @@ def cluster_counts(
     n_t = len(tcid)
     tpix = np.flatnonzero(tl.ravel())
     t_at = tl.ravel()[tpix]
-    out = {k: np.zeros(len(thresholds), dtype=int) for k in ("detected", "fp", "pred_clusters", "pred_objects")}
+    keys = ("detected", "fp", "pred_clusters", "pred_objects", "fp_objects")
+    out = {k: np.zeros(len(thresholds), dtype=int) for k in keys}
     for i, t in enumerate(thresholds):
         plab, _, cents = predicted_objects(p >= t, spacing_mm, b, min_pred_px, connectivity)
         n_p = len(cents)
         out["pred_objects"][i] = n_p
         if n_p == 0:
             continue
+        p_at = plab.ravel()[tpix]
+        sel = p_at > 0
+        out["fp_objects"][i] = int(n_p - np.unique(p_at[sel]).size)
         pcid, k = find_clusters(cents, link_mm, min_count)
         out["pred_clusters"][i] = k
         if k == 0:
             continue
-        p_at = plab.ravel()[tpix]
-        sel = p_at > 0
         codes = np.unique(p_at[sel].astype(np.int64) * (n_t + 1) + t_at[sel])
         pp, tt = codes // (n_t + 1), codes % (n_t + 1)  # pred object (1-based), truth object (1-based)
         kk = pcid[pp - 1]

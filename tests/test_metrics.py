@@ -12,7 +12,21 @@ import torch
 from ignite.engine import Engine
 from PIL import Image
 
-from bundle.metrics import ActivationRate, MCMetricsHandler, aggregate, object_stats, pixel_stats
+from bundle.metrics import (
+    CURVE_COLUMNS,
+    ActivationRate,
+    MCMetricsHandler,
+    aggregate,
+    cluster_stats,
+    curve_summary,
+    detection_curve,
+    interpolate_tpr,
+    object_iou,
+    object_stats,
+    pixel_stats,
+    pool_detection_curves,
+    truth_clusters,
+)
 from bundle.reports import markdown_table, overlay_png, overlay_rgb, write_csv_atomic
 
 nan = float("nan")
@@ -180,6 +194,184 @@ def test_aggregate_nanmean_and_pooled():
     assert math.isnan(aggregate([{"x": nan}])["x"])
 
 
+def test_aggregate_pools_clusters_iou_and_fp_per_cm2():
+    rows = [
+        {"n_truth_clusters": 2, "n_detected_clusters": 1, "n_fp_objects": 3, "breast_area_cm2": 2.0,
+         "object_iou": 0.5, "n_objects_all": 4, "object_iou_detected": 1.0, "n_detected_all": 2},
+        {"n_truth_clusters": 0, "n_detected_clusters": 0, "n_fp_objects": 1, "breast_area_cm2": 2.0,
+         "object_iou": nan, "n_objects_all": 0, "object_iou_detected": nan, "n_detected_all": 0},
+        {"n_truth_clusters": 1, "n_detected_clusters": 1, "n_fp_objects": 0, "breast_area_cm2": 4.0,
+         "object_iou": 0.25, "n_objects_all": 2, "object_iou_detected": 0.5, "n_detected_all": 1},
+    ]
+    a = aggregate(rows)
+    assert a["cluster_sensitivity_pooled"] == approx(2 / 3)  # the image without a truth cluster adds nothing
+    assert a["fp_marks_per_cm2_pooled"] == approx(4 / 8)
+    assert a["object_iou_pooled"] == approx((0.5 * 4 + 0.25 * 2) / 6)  # over objects, not images
+    assert a["object_iou_detected_pooled"] == approx((1.0 * 2 + 0.5 * 1) / 3)
+    assert math.isnan(aggregate(rows[1:2])["cluster_sensitivity_pooled"])
+    assert math.isnan(aggregate(rows[1:2])["object_iou_pooled"])
+    assert "cluster_sensitivity_pooled" not in aggregate([{"dice": 1.0}])
+
+
+# ------------------------------------------------------------------------------------------
+# detection metrics: object IoU, clusters, sweeps
+# ------------------------------------------------------------------------------------------
+def test_object_iou_hand_values():
+    truth = np.zeros((8, 10), bool)
+    pred = np.zeros((8, 10), bool)
+    truth[1:3, 1:3] = True  # A: 4 px, predicted with one extra column: IoU 4 / 6
+    pred[1:3, 1:4] = True
+    truth[5, 1] = True  # B: missed, IoU 0
+    truth[4:7, 5] = True  # C: 3 px, one predicted pixel inside: IoU 1 / 3
+    pred[5, 5] = True
+    truth[0, 7] = truth[0, 9] = True  # D, E: one 3 px component spans both: IoU 1 / 3 each
+    pred[0, 7:10] = True
+    s = object_iou(pred, truth)
+    assert s["n_objects"] == 5 and s["n_detected"] == 4
+    assert np.allclose(sorted(s["iou"]), sorted([4 / 6, 0.0, 1 / 3, 1 / 3, 1 / 3]))
+    assert s["object_iou"] == approx((4 / 6 + 3 / 3) / 5)  # undetected counts as 0
+    assert s["object_iou_detected"] == approx((4 / 6 + 3 / 3) / 4)
+    assert object_iou(truth, truth)["object_iou"] == 1.0
+    empty_pred = object_iou(np.zeros_like(pred), truth)
+    assert empty_pred["object_iou"] == 0.0 and math.isnan(empty_pred["object_iou_detected"])
+    assert empty_pred["n_detected"] == 0
+    empty_truth = object_iou(pred, np.zeros_like(truth))
+    assert empty_truth["n_objects"] == 0
+    assert math.isnan(empty_truth["object_iou"]) and math.isnan(empty_truth["object_iou_detected"])
+    # 4-connectivity splits nothing here but the diagonal pair below
+    diag_t = np.zeros((3, 3), bool)
+    diag_t[0, 0] = diag_t[1, 1] = True
+    assert object_iou(diag_t, diag_t, connectivity=1)["n_objects"] == 2
+    with pytest.raises(ValueError):
+        object_iou(pred, truth[:, :5])
+
+
+def _row_of_marks(step_px: int, n: int = 3, width: int = 40) -> np.ndarray:
+    m = np.zeros((10, width), bool)
+    for i in range(n):
+        m[5, 4 + i * step_px] = True
+    return m
+
+
+@pytest.mark.parametrize("step_px, n_clusters", [(8, 1), (10, 1), (12, 0)])
+def test_three_marks_cluster_at_4mm_and_5mm_not_at_6mm(step_px, n_clusters):
+    """0.5 mm pixels: marks 8 px (4 mm) or 10 px (5 mm, the link is inclusive) apart cluster; 12 px
+    (6 mm) apart they do not. On an image without MCs every mark and every cluster is false."""
+    marks = _row_of_marks(step_px)
+    empty = np.zeros_like(marks)
+    s = cluster_stats(marks, empty, 0.5)
+    assert s["n_pred_clusters"] == n_clusters and s["n_fp_clusters"] == n_clusters
+    assert s["n_truth_clusters"] == 0 and s["n_detected_clusters"] == 0 and math.isnan(s["cluster_sensitivity"])
+    assert object_stats(marks, empty, 0.5)["n_fp_objects"] == 3
+    # the same marks as truth: a truth cluster (or not), found by the identical prediction
+    same = cluster_stats(marks, marks, 0.5)
+    assert same["n_truth_clusters"] == n_clusters and same["n_detected_clusters"] == n_clusters
+    assert same["n_fp_clusters"] == 0
+    assert same["cluster_sensitivity"] == approx(1.0 if n_clusters else nan)
+    _, ids, n_tc = truth_clusters(marks, 0.5)
+    assert n_tc == n_clusters and ids.tolist() == ([0, 0, 0] if n_clusters else [-1, -1, -1])
+    # two marks are never a cluster
+    assert cluster_stats(_row_of_marks(step_px, n=2), empty, 0.5)["n_pred_clusters"] == 0
+
+
+def test_cluster_stats_empty_prediction_and_hit_rule():
+    truth = _row_of_marks(8)  # a truth cluster of 3 MCs at 4 mm
+    none = cluster_stats(np.zeros_like(truth), truth, 0.5)
+    assert (none["n_pred_clusters"], none["n_fp_clusters"], none["n_truth_clusters"], none["n_detected_clusters"]) == (
+        0, 0, 1, 0)
+    assert none["cluster_sensitivity"] == 0.0
+    # a predicted cluster hitting one MC of it (two marks beside the truth) detects it ...
+    pred = np.zeros_like(truth)
+    pred[5, 4] = True
+    pred[2, 8] = pred[2, 14] = True
+    s = cluster_stats(pred, truth, 0.5)
+    assert s["n_pred_clusters"] == 1 and s["n_detected_clusters"] == 1 and s["n_fp_clusters"] == 0
+    # ... unless two hit MCs are asked for
+    assert cluster_stats(pred, truth, 0.5, min_hit_mcs=2)["n_detected_clusters"] == 0
+    # a larger link merges the 6 mm marks into one cluster
+    assert cluster_stats(_row_of_marks(12), np.zeros_like(truth), 0.5, link_mm=6.0)["n_fp_clusters"] == 1
+
+
+def _sweep_cases() -> list[dict]:
+    """Two 100 x 100 images at 0.1 mm (see test_detection_curve_pooled_froc_and_tpr)."""
+    a_truth = np.zeros((100, 100), bool)
+    a_prob = np.zeros((100, 100), np.float32)
+    for col, p in ((10, 0.9), (30, 0.9), (50, 0.4)):  # a truth cluster: 3 MCs 2 mm apart
+        a_truth[10:12, col:col + 2] = True
+        a_prob[10:12, col:col + 2] = p
+    a_truth[90, 90] = True  # a 1 px MC (0.11 mm): outside the >= 0.2 mm TPR, never detected
+    a_prob[80:82, 80:82] = 0.7  # false marks
+    a_prob[80, 10] = 0.3
+    b_truth = np.zeros((100, 100), bool)  # no MC
+    b_prob = np.zeros((100, 100), np.float32)
+    for col in (20, 40, 60):  # a false cluster of 3 marks 2 mm apart
+        b_prob[20, col] = 0.6
+    b_prob[70, 70] = 0.95
+    b_breast = np.zeros((100, 100), bool)
+    b_breast[:80] = True  # 0.8 cm^2
+    return [
+        {"prob": a_prob, "truth": a_truth, "breast": np.ones((100, 100), bool), "stem": "a"},
+        {"prob": b_prob, "truth": b_truth, "breast": b_breast, "stem": "b"},
+    ]
+
+
+def test_detection_curve_pooled_froc_and_tpr():
+    thr = [0.25, 0.5, 0.8]
+    a, b = (detection_curve(c["prob"], c["truth"], 0.1, thr, c["breast"], min_diameter_mm=0.2) for c in _sweep_cases())
+    assert a["n_objects"] == 3 and a["n_truth_clusters"] == 1 and a["breast_area_cm2"] == approx(1.0)
+    assert a["detected_objects"].tolist() == [3, 2, 2]
+    assert a["fp_marks"].tolist() == [2, 1, 0]
+    assert a["pred_marks"].tolist() == [5, 3, 2]
+    assert a["detected_clusters"].tolist() == [1, 0, 0]  # two found MCs are no cluster
+    assert a["fp_clusters"].tolist() == [0, 0, 0]
+    assert b["n_objects"] == 0 and b["n_truth_clusters"] == 0 and b["breast_area_cm2"] == approx(0.8)
+    assert b["fp_marks"].tolist() == [4, 4, 1] and b["fp_clusters"].tolist() == [1, 1, 0]
+    # the operating point of the sweep is what cluster_stats / object_stats give on the mask
+    for case, curve in zip(_sweep_cases(), (a, b)):
+        mask = case["prob"] >= 0.5
+        cs = cluster_stats(mask, case["truth"], 0.1)
+        assert (cs["n_fp_clusters"], cs["n_detected_clusters"]) == (curve["fp_clusters"][1], curve["detected_clusters"][1])
+        assert object_stats(mask, case["truth"], 0.1)["n_fp_objects"] == curve["fp_marks"][1]
+
+    pooled = pool_detection_curves([a, b])
+    assert set(pooled) == set(CURVE_COLUMNS)
+    assert pooled["cluster_sensitivity"].tolist() == [1.0, 0.0, 0.0]
+    assert pooled["fp_clusters_per_image"].tolist() == [0.5, 0.5, 0.0]
+    assert np.allclose(pooled["object_tpr"], [1.0, 2 / 3, 2 / 3])
+    assert pooled["fp_marks_per_image"].tolist() == [3.0, 2.5, 0.5]
+    assert np.allclose(pooled["fp_marks_per_cm2"], [6 / 1.8, 5 / 1.8, 1 / 1.8])
+
+    summ = curve_summary(pooled, (0.25, 0.5, 1, 2, 4), (0.1, 0.5, 1.0, 3.0, 5.0))
+    # FROC: at <= 0.25 FP clusters per image only the 0.8 point (sensitivity 0) qualifies
+    assert summ["froc_sens_at_0.25"] == 0.0 and summ["froc_sens_at_0.5"] == 1.0 and summ["froc_sens_at_4"] == 1.0
+    assert summ["froc_score"] == approx(0.8)
+    # TPR vs FP/cm^2 through (0, 0), (5/9, 2/3), (25/9, 2/3), (30/9, 1)
+    assert summ["tpr_at_0.1_fp_per_cm2"] == approx(0.1 / (5 / 9) * 2 / 3)
+    assert summ["tpr_at_0.5_fp_per_cm2"] == approx(0.6)
+    assert summ["tpr_at_1_fp_per_cm2"] == approx(2 / 3)
+    assert summ["tpr_at_3_fp_per_cm2"] == approx(2 / 3 + 0.4 / 3)
+    assert summ["tpr_at_5_fp_per_cm2"] == approx(1.0)
+
+    # only calcification-free images: every mark and cluster is false, sensitivities undefined
+    normal = curve_summary(pool_detection_curves([b]))
+    assert math.isnan(normal["froc_score"]) and math.isnan(normal["tpr_at_0.5_fp_per_cm2"])
+    other_grid = detection_curve(_sweep_cases()[1]["prob"], _sweep_cases()[1]["truth"], 0.1, [0.5])
+    with pytest.raises(ValueError):
+        pool_detection_curves([a, other_grid])
+
+
+def test_interpolate_tpr():
+    assert np.allclose(interpolate_tpr([0.2, 1.0], [0.5, 0.9], [0.1, 0.5, 1.0, 2.0]), [0.25, 0.65, 0.9, 0.9])
+    # order does not matter; a point worse than a cheaper one is lifted to the best TPR at or below its rate
+    assert np.allclose(interpolate_tpr([1.0, 0.5], [0.4, 0.6], [0.25, 0.75, 1.0]), [0.3, 0.6, 0.6])
+    # a point at zero false positives replaces the (0, 0) anchor; NaN points are ignored
+    assert np.allclose(interpolate_tpr([0.0, 1.0, nan], [0.5, 1.0, 0.9], [0.0, 0.5]), [0.5, 0.75])
+    assert np.isnan(interpolate_tpr([nan], [0.5], [0.1])).all()
+    assert np.isnan(interpolate_tpr([], [], [0.1, 1.0])).all()
+    with pytest.raises(ValueError):
+        interpolate_tpr([0.1, 0.2], [0.5], [0.1])
+
+
 # ------------------------------------------------------------------------------------------
 # handler in a real ignite engine
 # ------------------------------------------------------------------------------------------
@@ -210,17 +402,24 @@ def _fake_cases() -> list[dict]:
 
 # hand-computed per-case numbers (threshold 0.5, min diameter 0.2 mm at 0.1 mm spacing)
 EXPECTED = {
+    # IoU: the single-pixel MC is predicted exactly (1), the 2x2 one is missed (0); two marks never
+    # make a cluster; 56 breast pixels of 0.01 mm^2 are 0.0056 cm^2
     "caseA": {"tp": 1, "fp": 1, "fn": 4, "dice": 2 / 7, "sensitivity": 1 / 5, "ppv": 1 / 2,
               "activation_rate": 2 / 56, "true_activation_rate": 5 / 56, "n_objects": 1, "n_detected": 0,
-              "object_detection_rate": 0.0, "n_fp_objects": 1},
+              "object_detection_rate": 0.0, "n_fp_objects": 1, "n_detected_all": 1, "object_iou": 0.5,
+              "object_iou_detected": 1.0, "n_pred_clusters": 0, "n_fp_clusters": 0, "n_truth_clusters": 0,
+              "cluster_sensitivity": nan, "breast_area_cm2": 0.0056, "fp_marks_per_cm2": 1 / 0.0056},
     "caseB": {"tp": 0, "fp": 1, "fn": 0, "dice": 0.0, "sensitivity": nan, "ppv": 0.0,
               "activation_rate": 1 / 56, "true_activation_rate": 0.0, "n_objects": 0, "n_detected": 0,
-              "object_detection_rate": nan, "n_fp_objects": 1},
+              "object_detection_rate": nan, "n_fp_objects": 1, "n_detected_all": 0, "object_iou": nan,
+              "object_iou_detected": nan, "n_fp_clusters": 0, "fp_marks_per_cm2": 1 / 0.0056},
 }
 EXPECTED_SUMMARY = {
     "dice": 1 / 7, "sensitivity": 1 / 5, "ppv": 0.25, "activation_rate": 3 / 112,
     "true_activation_rate": 5 / 112, "object_detection_rate": 0.0, "object_detection_rate_pooled": 0.0,
-    "image_detection_rate": 0.0, "fp_objects_per_image": 1.0,
+    "image_detection_rate": 0.0, "fp_objects_per_image": 1.0, "fp_marks_per_image": 1.0,
+    "fp_clusters_per_image": 0.0, "cluster_sensitivity_pooled": nan, "object_iou_pooled": 0.5,
+    "object_iou_detected_pooled": 1.0, "fp_marks_per_cm2_pooled": 2 / 0.0112,
 }
 
 
@@ -286,6 +485,52 @@ def test_handler_in_engine(tmp_path, make_engine):
         ("caseA", "1", "True", "False"),  # 0.113 mm < 0.2 mm
         ("caseA", "4", "False", "True"),
     ]
+
+
+def test_handler_sweep_logs_cluster_froc_tpr_and_writes_the_curve(tmp_path):
+    """The two images of test_detection_curve_pooled_froc_and_tpr through the handler in an engine."""
+    from monai.data import MetaTensor
+
+    data = []
+    for c in _sweep_cases():
+        meta = {"stem": c["stem"], "spacing": (0.1, 0.1), "original_shape": (100, 100)}
+        data.append({"image": MetaTensor(torch.zeros(1, 100, 100), meta=meta), "label": torch.as_tensor(c["truth"])[None],
+                     "breast": torch.as_tensor(c["breast"])[None], "prob": torch.as_tensor(c["prob"])[None]})
+
+    def step(engine, b):
+        engine.state.batch = [{k: v for k, v in b.items() if k != "prob"}]
+        return [{"pred": b["prob"], "label": b["label"]}]
+
+    engine = Engine(step)
+    handler = MCMetricsHandler(
+        threshold=0.25, min_diameter_mm=0.2, sweep_thresholds=[0.5, 0.8], fp_per_cm2_rates=[0.1, 0.5],
+        csv_path=tmp_path / "per_case.csv", curve_csv_path=tmp_path / "curve.csv", prefix="val_",
+    )
+    handler.attach(engine)
+    engine.run(data, max_epochs=1)
+    m = engine.state.metrics
+    # operating point 0.25: a has the detected truth cluster and 2 false marks, b a false cluster and 4
+    assert [(r["n_truth_clusters"], r["n_detected_clusters"], r["n_fp_clusters"], r["n_fp_objects"]) for r in handler.rows] == [
+        (1, 1, 0, 2), (0, 0, 1, 4)]
+    assert m["val_cluster_sensitivity_pooled"] == 1.0 and m["val_fp_clusters_per_image"] == 0.5
+    assert m["val_fp_marks_per_image"] == 3.0 and m["val_fp_marks_per_cm2_pooled"] == approx(6 / 1.8)
+    assert m["val_froc_score"] == approx(0.8) and m["val_froc_sens_at_0.25"] == 0.0
+    assert m["val_tpr_at_0.1_fp_per_cm2"] == approx(0.12) and m["val_tpr_at_0.5_fp_per_cm2"] == approx(0.6)
+    with open(tmp_path / "curve.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert list(curve[0]) == list(CURVE_COLUMNS)
+    assert [float(r["threshold"]) for r in curve] == [0.25, 0.5, 0.8]
+    assert [float(r["cluster_sensitivity"]) for r in curve] == [1.0, 0.0, 0.0]
+    assert [float(r["fp_marks"]) for r in curve] == [6.0, 5.0, 1.0]
+    with open(tmp_path / "per_case.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["fp_marks_per_cm2"]) for r in table] == approx([2.0, 5.0]) and table[1]["n_fp_clusters"] == "1"
+    # without the sweep no curve entries appear, the per-case clusters stay
+    plain = MCMetricsHandler(threshold=0.25)
+    for d in data:
+        plain.add_case(d["prob"], d["label"], d["breast"], meta=d["image"].meta)
+    s = plain.compute()
+    assert "froc_score" not in s and plain.curves == [] and s["cluster_sensitivity_pooled"] == 1.0
 
 
 def test_handler_resets_each_epoch_and_works_without_breast():
