@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,7 @@ def test_inference_outputs_follow_the_contract(phantom_dir, tmp_path):
     thr = float(json.loads((ROOT / "configs" / "inference.json").read_text())["threshold"])
     dicoms = sorted(p for p in phantom_dir.glob("case_*.dcm"))
     assert dicoms
+    n_clustered = 0
     for f in dicoms:
         stem = f.stem
         assert rows[stem]["status"] == "ok", rows[stem]
@@ -66,6 +68,24 @@ def test_inference_outputs_follow_the_contract(phantom_dir, tmp_path):
         want = (prob >= thr).astype(np.uint8)  # the configured operating point
         assert np.array_equal(mask, want) or abs(int(mask.sum()) - int(want.sum())) <= 2
         assert (out / stem / f"{stem}_overlay.png").stat().st_size > 1000
+        assert (out / stem / f"{stem}_clusters.png").stat().st_size > 200
+        # clusters.csv: header always; clusters of the final mask (here the SegAI mask), on its grid
+        with open(out / stem / f"{stem}_clusters.csv", newline="") as fh:
+            reader = csv.DictReader(fh)
+            clusters = list(reader)
+        assert reader.fieldnames == ["cluster", "centre_row", "centre_col", "n_marks", "extent_mm", "max_score"]
+        n_marks = int(ndimage.label(mask, structure=np.ones((3, 3), int))[1])
+        assert int(rows[stem]["marks"]) == n_marks and int(rows[stem]["clusters"]) == len(clusters)
+        n_clustered += len(clusters)
+        assert sum(int(c["n_marks"]) for c in clusters) <= n_marks
+        assert [int(c["cluster"]) for c in clusters] == list(range(1, len(clusters) + 1))
+        for c in clusters:
+            assert int(c["n_marks"]) >= 3 and float(c["extent_mm"]) >= 0.0
+            assert 0 <= float(c["centre_row"]) < px.shape[0] and 0 <= float(c["centre_col"]) < px.shape[1]
+            assert thr <= float(c["max_score"]) <= float(prob.max())
+        scores = [float(c["max_score"]) for c in clusters]
+        assert scores == sorted(scores, reverse=True)  # strongest first
+    assert n_clustered > 0, "no cluster on any phantom: the clusters.csv checks tested nothing"
     # inputs untouched
     after = {p.name: p.read_bytes() for p in phantom_dir.iterdir() if p.is_file() and p.name in before}
     assert after == before
