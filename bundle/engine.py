@@ -125,6 +125,14 @@ class MammogramInference:
             strongest clusters (:func:`bundle.reports.cluster_panels_png`).
         cluster_panel_crop: side of each panel in source pixels.
         max_cluster_panels: most panels in ``<stem>_clusters.png``.
+        false_alarm: optional per-image operating point of the refined mask, e.g.
+            :class:`bundle.falsealarm.FalseAlarmControl`: a callable ``(refined_prob (H, W),
+            breast (H, W)) -> {"mask", "threshold", ...}``; when given it replaces
+            ``refined_threshold``, and the image's threshold goes into the summary row
+            (``refined_threshold_image``).
+        hole_control: optional per-image operating point of the refinement's hole (same kind of
+            callable, applied to SegAI's probability): the refiner then sees SegAI's map only
+            inside the marks it keeps, so it verifies a bounded number of candidates per image.
     """
 
     def __init__(
@@ -150,6 +158,8 @@ class MammogramInference:
         save_cluster_panels: bool = True,
         cluster_panel_crop: int = 256,
         max_cluster_panels: int = 4,
+        false_alarm: Callable[..., dict] | None = None,
+        hole_control: Callable[..., dict] | None = None,
     ) -> None:
         self.dataset_dir = dataset_dir or None
         self.output_dir = Path(output_dir)
@@ -160,6 +170,8 @@ class MammogramInference:
         self.threshold = float(threshold)
         self.refiner = refiner
         self.refined_threshold = float(refined_threshold)
+        self.false_alarm = false_alarm
+        self.hole_control = hole_control
         self.device = torch.device(device)
         self.demo_dir = demo_dir or str(self.output_dir / "demo_inputs")
         self.save_overlay = save_overlay
@@ -215,10 +227,23 @@ class MammogramInference:
         if self.refiner is not None:
             img2 = torch.as_tensor(np.asarray(image[0].cpu()))
             b2 = None if breast is None else np.asarray(breast[0].cpu()) > 0
-            out = self.refiner(img2.numpy(), prob[0].numpy(), b2)
+            seg = prob[0].numpy()
+            extra: dict[str, Any] = {}
+            if self.hole_control is not None:  # the refiner sees only the marks the control keeps
+                hc = self.hole_control(seg, b2)
+                seg = seg * np.asarray(hc["mask"], dtype=seg.dtype)
+                extra["hole_threshold_image"] = round(float(hc["threshold"]), 6)
+            out = self.refiner(img2.numpy(), seg, b2)
             rp = torch.as_tensor(np.asarray(out["prob"], dtype=np.float32))[None]
             d["refined_prob"] = _like(image, rp)
-            d["refined_mask"] = _like(image, (rp >= self.refined_threshold).to(torch.float32))
+            if self.false_alarm is not None:
+                fa = self.false_alarm(rp[0].numpy(), b2)
+                rm = torch.as_tensor(np.asarray(fa["mask"], dtype=np.float32))[None]
+                extra["refined_threshold_image"] = round(float(fa["threshold"]), 6)
+            d["_row_extra"] = extra
+            if self.false_alarm is None:
+                rm = (rp >= self.refined_threshold).to(torch.float32)
+            d["refined_mask"] = _like(image, rm)
             keys += ["refined_prob", "refined_mask"]
             if out.get("virtual_normal") is not None:
                 d["virtual_normal"] = _like(image, torch.as_tensor(np.asarray(out["virtual_normal"], dtype=np.float32))[None])
@@ -331,6 +356,7 @@ class MammogramInference:
             try:
                 d = self.predict(f)
                 row.update(self.write_case(stem, d, f))
+                row.update(d.get("_row_extra", {}))
                 row["status"] = "ok"
                 row["error"] = ""
             except Exception as e:  # keep the batch alive, but say what broke
