@@ -263,7 +263,7 @@ class MammogramInference:
         panels around the strongest clusters). The row gets ``marks`` (connected components of the
         final mask) and ``clusters``.
         """
-        from bundle.clusters import cluster_table
+        from bundle.clusters import cluster_table, mark_table
         from bundle.data import save_nifti_atomic
         from bundle.reports import cluster_panels_png, grey_levels, overlay_png, write_csv_atomic
 
@@ -287,7 +287,7 @@ class MammogramInference:
                 self._write_virtual_normal_dicom(arr, case_dir / f"{stem}_virtual_normal.dcm", source)
         mask_key, score_key = ("refined_mask", "refined_prob") if "refined_mask" in saved else ("mask", "prob")
         final = saved[mask_key] > 0
-        marks = _marks_with_scores(final, saved.get(score_key), spacing)
+        _, marks = mark_table(final, saved.get(score_key), spacing)
         clusters = cluster_table(marks, spacing, link_mm=self.cluster_link_mm, min_count=self.cluster_min_count)
         write_csv_atomic(clusters, case_dir / f"{stem}_clusters.csv", columns=CLUSTER_COLUMNS)
         row["marks"] = len(marks)
@@ -376,28 +376,6 @@ class MammogramInference:
             if r["status"] != "ok":
                 logger.warning("FAILED %s: %s", r["case"], r["error"])
         return self.rows
-
-
-def _marks_with_scores(mask: np.ndarray, score: np.ndarray | None, spacing: Sequence[float]) -> list[dict[str, Any]]:
-    """:func:`bundle.clusters.mark_table` of ``mask`` with each mark's maximum of ``score``.
-
-    The maxima are taken over the marked pixels only (``ndimage.maximum`` with one index per
-    label scans the whole image per call and takes seconds on a full-field view with thousands
-    of marks).
-    """
-    from bundle.clusters import mark_table
-
-    labels, marks = mark_table(mask, None, spacing)
-    if score is not None and marks:
-        s = np.asarray(score)
-        if s.shape != labels.shape:
-            raise ValueError(f"score shape {s.shape} differs from mask shape {labels.shape}")
-        rows, cols = np.nonzero(labels)
-        mx = np.full(len(marks), -np.inf)
-        np.maximum.at(mx, labels[rows, cols] - 1, s[rows, cols].astype(np.float64))
-        for m, v in zip(marks, mx):
-            m["max_score"] = float(v)
-    return marks
 
 
 def _input_problem(exc: BaseException, kind: type) -> BaseException | None:

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from bundle.clusters import label_maxima
+
 __all__ = ["FalseAlarmControl", "null_tail_threshold", "candidate_scores"]
 
 
@@ -67,8 +69,7 @@ def candidate_scores(
     labels, n = ndimage.label(cand, structure=ndimage.generate_binary_structure(2, connectivity))
     if n == 0:
         return labels.astype(np.int32), np.zeros(0, np.float64)
-    scores = ndimage.maximum(p, labels, index=np.arange(1, n + 1))
-    return labels.astype(np.int32), np.asarray(scores, dtype=np.float64)
+    return labels.astype(np.int32), label_maxima(p, labels, n)
 
 
 def null_tail_threshold(

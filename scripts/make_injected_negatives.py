@@ -392,7 +392,7 @@ def _run_protocol(args: argparse.Namespace, sources: list[Source], protocol: dic
     Every named source view gets one MC-free copy (``<view>_clean``, empty label: specificity)
     and ``variants[split]`` copies with injected MCs (``<view>_inj<k>``: sensitivity), seeded by
     ``seeds[split]`` and the view's position in its list. ``datalist.json`` holds the three
-    sections; ``cases.json`` the injected clusters.
+    sections, ``datalist_clean.json`` the MC-free copies only; ``cases.json`` the injected clusters.
 
     Args:
         args: parsed command line (``rle``, ``clusters``).
@@ -444,6 +444,8 @@ def _run_protocol(args: argparse.Namespace, sources: list[Source], protocol: dic
                 print(f"[{sp}] {name}: {len(clusters)} clusters, {int(label.sum())} label pixels", flush=True)
     _write_json(out / "cases.json", cases)
     _write_json(out / "datalist.json", datalist)
+    # the MC-free copies alone, for training the inpainter (it never sees a calcification)
+    _write_json(out / "datalist_clean.json", {sp: [e for e in datalist[sp] if e["kind"] == "clean"] for sp in splits})
     for sp in splits:
         sub = out / sp
         sub.mkdir(exist_ok=True)

@@ -340,3 +340,60 @@ def test_mlo_mcs_outside_pectoral() -> None:
     assert rows.size > 0
     # the muscle lies in the top-left triangle (border straight to slightly convex)
     assert np.all(cols / pec["width_px"] + rows / pec["height_px"] > 0.95)
+
+
+def test_make_injected_negatives_protocol(tmp_path: Path) -> None:
+    """--protocol writes a clean and injected copies per named view into its fixed split."""
+    nib = pytest.importorskip("nibabel")
+    from PIL import Image
+
+    mod = _load_script("make_injected_negatives")
+    png_dir = tmp_path / "png"
+    png_dir.mkdir()
+    for k, name in enumerate(["L-CC", "R-CC", "L-MLO"]):
+        ph = make_phantom(shape=(320, 256), spacing=0.2, view="CC", laterality="L", seed=10 + k, with_mcs=False, traps=False)
+        Image.fromarray((ph["image"] // 64).astype(np.uint8)).save(png_dir / f"{name}.png")
+    proto = {"training": ["L-CC"], "validation": ["R-CC"], "test": ["L-MLO"],
+             "variants": {"training": 2, "validation": 1, "test": 1}, "seeds": {"training": 1, "validation": 2, "test": 3}}
+    pf = tmp_path / "protocol.json"
+    pf.write_text(json.dumps(proto))
+    out = tmp_path / "out"
+    rc = mod.main(["--png-dir", str(png_dir), "--png-spacing", "0.2", "--out", str(out), "--protocol", str(pf),
+                   "--clusters", "1", "1"])
+    assert rc == 0
+    dl = json.loads((out / "datalist.json").read_text())
+    assert [len(dl[s]) for s in ("training", "validation", "test")] == [3, 2, 2]
+    assert {e["view"] for e in dl["test"]} == {"L-MLO"} and {e["view"] for e in dl["training"]} == {"L-CC"}
+    for split in dl:
+        for e in dl[split]:
+            lab = np.asarray(nib.load(out / e["label"]).dataobj)
+            assert (lab.sum() == 0) == (e["kind"] == "clean")
+            assert (out / split / e["image"]).exists()  # one folder per split for the main command
+    clean = json.loads((out / "datalist_clean.json").read_text())
+    assert all(e["kind"] == "clean" for s in clean.values() for e in s) and len(clean["training"]) == 1
+    # a view in two splits, or one that does not exist, is refused
+    pf.write_text(json.dumps({**proto, "test": ["L-CC"]}))
+    with pytest.raises(SystemExit, match="more than one split"):
+        mod.main(["--png-dir", str(png_dir), "--png-spacing", "0.2", "--out", str(tmp_path / "o2"), "--protocol", str(pf)])
+    pf.write_text(json.dumps({**proto, "test": ["X-CC"]}))
+    with pytest.raises(SystemExit, match="not found"):
+        mod.main(["--png-dir", str(png_dir), "--png-spacing", "0.2", "--out", str(tmp_path / "o3"), "--protocol", str(pf)])
+
+
+def test_rand_acquisition_changes_crops_reproducibly() -> None:
+    import torch
+
+    from bundle.training import RandAcquisitiond
+
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.uniform(0, 1, (1, 64, 64)).astype(np.float32))
+    a = RandAcquisitiond(prob=1.0, seed=5)({"image": x, "label": x})
+    b = RandAcquisitiond(prob=1.0, seed=5)({"image": x, "label": x})
+    assert torch.equal(a["image"], b["image"])  # seeded
+    assert a["image"].shape == x.shape and a["image"].dtype == torch.float32
+    assert not torch.allclose(a["image"], x, atol=1e-3)
+    assert torch.equal(a["label"], x)  # only the keys asked for
+    off = RandAcquisitiond(prob=0.0)({"image": x})
+    assert torch.allclose(off["image"], x)
+    with pytest.raises(ValueError, match="prob"):
+        RandAcquisitiond(prob=1.5)
