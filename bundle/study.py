@@ -13,6 +13,9 @@ case by case (streaming: whole-image arrays are dropped once a case's numbers ar
   level specificity on images without MCs;
 - MC clusters (single linkage of MC centroids, at least ``min_count`` MCs) for truth and prediction,
   and the cluster FROC swept over the probability threshold;
+- the reader-facing detection metrics of :mod:`bundle.metrics`: false marks and false-positive
+  clusters per image (also on the images without MCs alone), object IoU, and the object TPR at given
+  false marks per cm^2 of breast from the same sweep;
 - per-case panels like the seed's Figure A2.
 
 It then writes Tables 1-3, the FROC summary, paired Wilcoxon tests and bootstrap confidence
@@ -47,7 +50,17 @@ import torch
 from scipy import ndimage, stats
 
 from bundle.clusters import find_clusters, single_linkage_groups
-from bundle.metrics import object_stats, pixel_stats, resolve_tracking_uri
+from bundle.metrics import (
+    DEFAULT_FP_PER_CM2_RATES,
+    DEFAULT_SWEEP_THRESHOLDS,
+    aggregate,
+    curve_summary,
+    object_iou,
+    object_stats,
+    pixel_stats,
+    pool_detection_curves,
+    resolve_tracking_uri,
+)
 from bundle.reports import atomic_path, markdown_table, overlay_rgb, write_csv_atomic
 
 __all__ = [
@@ -122,6 +135,12 @@ TABLE4_METRICS: tuple[str, ...] = ("dice", "sensitivity", "fnr", "balanced_accur
 TABLE4_HEADERS: dict[str, str] = {
     "dice": "Dice", "sensitivity": "Recall", "fnr": "FNR", "balanced_accuracy": "Bal. Acc.", "g_mean": "G-Mean",
 }
+#: method-level reader-facing detection metrics of the study's detection table, in column order
+#: (``tpr_at_<r>_fp_per_cm2`` columns follow, one per ``StudySettings.fp_per_cm2_rates``).
+DETECTION_COLUMNS: tuple[str, ...] = (
+    "fp_marks_per_image", "fp_marks_per_normal_image", "fp_clusters_per_image", "fp_clusters_per_normal_image",
+    "cluster_sensitivity", "object_iou", "object_iou_detected", "object_tpr", "fp_marks_per_cm2",
+)
 #: (method, baseline) pairs whose Table 4 rows get paired p-values when both ran.
 TABLE4_PAIRS: tuple[tuple[str, str], ...] = (("mcgenref_ttgpr", "mcgenref_init"), ("segai+genai", "segai"))
 
@@ -168,6 +187,10 @@ class StudySettings:
             operating threshold is always added.
         froc_fp_rates: false-positive clusters per image at which the FROC summary averages the
             sensitivity.
+        tpr_min_diameter_mm: smallest equivalent diameter of a truth object counted for the object
+            TPR of the TPR-vs-false-marks-per-cm^2 curve.
+        fp_per_cm2_rates: false marks per cm^2 of breast at which that TPR is reported
+            (``bundle.metrics.interpolate_tpr``).
         bootstrap_resamples: resamples (over images) of the bootstrap confidence intervals.
         confidence: confidence level of the intervals.
         seed: seed of the bootstrap.
@@ -199,6 +222,8 @@ class StudySettings:
     cluster_min_hit_mcs: int = 1
     froc_thresholds: list[float] | None = None
     froc_fp_rates: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    tpr_min_diameter_mm: float = 0.2
+    fp_per_cm2_rates: list[float] = dataclasses.field(default_factory=lambda: list(DEFAULT_FP_PER_CM2_RATES))
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
     seed: int = 0
@@ -249,13 +274,18 @@ class StudySettings:
         """
         base = self.froc_thresholds
         if base is None:
-            base = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+            base = list(DEFAULT_SWEEP_THRESHOLDS)
         return np.unique(np.asarray(list(base) + [self.threshold_for(method)], dtype=float))
 
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
 # ----------------------------------------------------------------------------------------------
+def _detection_columns(settings: StudySettings) -> list[str]:
+    """Columns of the detection table: :data:`DETECTION_COLUMNS` and one TPR per rate per cm^2."""
+    return list(DETECTION_COLUMNS) + [f"tpr_at_{r:g}_fp_per_cm2" for r in settings.fp_per_cm2_rates]
+
+
 def _np2d(x: Any, name: str, dtype: Any = None) -> np.ndarray:
     """``x`` (numpy or torch, leading singleton dims allowed) as a 2-D numpy array."""
     if isinstance(x, torch.Tensor):
@@ -530,12 +560,16 @@ def case_statistics(
 
     Returns:
         ``{"row": per-image metrics at the operating threshold, "max_prob": (n_objects,) array,
-        "froc": {"thresholds", "detected", "fp", "pred_clusters", "pred_objects", "n_truth_clusters"}}``.
+        "froc": {"thresholds", "detected", "fp", "pred_clusters", "pred_objects", "fp_objects",
+        "n_truth_clusters"}, "curve": the sweep in the form of bundle.metrics.detection_curve}``.
         The row has :func:`bundle.metrics.pixel_stats` plus ``n_objects``, ``n_detected``,
         ``object_detection_rate``, ``image_detected`` (NaN without truth objects), ``n_pred_objects``,
-        ``n_fp_objects`` (predicted objects touching no truth pixel), ``false_alarm`` (1/0 on images
-        without truth objects, NaN otherwise), ``n_truth_clusters``, ``n_detected_clusters``,
-        ``n_fp_clusters``, ``threshold``.
+        ``n_fp_objects`` (predicted objects touching no truth pixel: false marks), ``false_alarm``
+        (1/0 on images without truth objects, NaN otherwise), ``n_truth_clusters``,
+        ``n_detected_clusters``, ``n_fp_clusters``, ``n_objects_all``, ``n_detected_all``,
+        ``object_iou``, ``object_iou_detected`` (:func:`bundle.metrics.object_iou` of the whole
+        predicted mask), ``breast_area_cm2``, ``fp_marks_per_cm2``, ``threshold``. The sweep's object
+        TPR counts objects of at least ``settings.tpr_min_diameter_mm`` (and ``min_object_px``).
     """
     thr = settings.threshold_for(method)
     p = np.nan_to_num(_np2d(prob, "prob", np.float32), nan=0.0)
@@ -580,9 +614,26 @@ def case_statistics(
     row["n_truth_clusters"] = int(n_truth_clusters)
     row["n_detected_clusters"] = int(cc["detected"][op])
     row["n_fp_clusters"] = int(cc["fp"][op])
+    iou = object_iou(pred, t, settings.connectivity)
+    row["n_objects_all"] = int(n_all)
+    row["n_detected_all"] = iou["n_detected"]
+    row["object_iou"] = iou["object_iou"]
+    row["object_iou_detected"] = iou["object_iou_detected"]
+    row_mm, col_mm = _spacing(spacing_mm)
+    area = float(np.count_nonzero(b) if b is not None else t.size) * row_mm * col_mm / 100.0
+    row["breast_area_cm2"] = area
+    row["fp_marks_per_cm2"] = row["n_fp_objects"] / area if area > 0 else NAN
     row["threshold"] = thr
     froc = {"thresholds": grid, "n_truth_clusters": int(n_truth_clusters), **cc}
-    return {"row": row, "max_prob": maxp, "froc": froc}
+    diam = np.array([o["diameter_mm"] for o in truth_objs], dtype=float)
+    tpr_incl = incl & (diam >= settings.tpr_min_diameter_mm * (1.0 - 1e-9))
+    curve = {
+        "thresholds": grid, "n_objects": int(tpr_incl.sum()), "n_truth_clusters": int(n_truth_clusters),
+        "breast_area_cm2": area, "detected_objects": (maxp[tpr_incl][None, :] >= grid[:, None]).sum(axis=1),
+        "fp_marks": cc["fp_objects"], "pred_marks": cc["pred_objects"], "detected_clusters": cc["detected"],
+        "fp_clusters": cc["fp"], "pred_clusters": cc["pred_clusters"],
+    }
+    return {"row": row, "max_prob": maxp, "froc": froc, "curve": curve}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1399,7 +1450,7 @@ class MCStudy:
         rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         objects: list[dict[str, Any]] = []
         maxprob: dict[str, list[float]] = {m: [] for m in methods}
-        froc: dict[str, dict[str, list[Any]]] = {m: {"detected": [], "fp": [], "case": []} for m in methods}
+        froc: dict[str, dict[str, list[Any]]] = {m: {"detected": [], "fp": [], "case": [], "curves": []} for m in methods}
         grids = {m: s.froc_grid(m) for m in methods}
         panels: dict[str, dict[str, str]] = {m: {} for m in methods}
 
@@ -1453,6 +1504,7 @@ class MCStudy:
                 froc[m]["detected"].append(st["froc"]["detected"])
                 froc[m]["fp"].append(st["froc"]["fp"])
                 froc[m]["case"].append(ci)
+                froc[m]["curves"].append(st["curve"])
                 if len(panels[m]) < s.max_panels:
                     ppath = self.output_dir / m / "panels" / f"{name}.png"
                     try:
@@ -1645,6 +1697,7 @@ class MCStudy:
         # FROC
         froc_rows: list[dict[str, Any]] = []
         froc_points: list[dict[str, Any]] = []
+        detection_rows: list[dict[str, Any]] = []
         froc_plot: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
         n_truth_all = np.array([c["n_clusters"] for c in cases], dtype=float)
         for m in methods:
@@ -1682,9 +1735,32 @@ class MCStudy:
             fpo = metrics[m]["fp_clusters_per_image"]
             fr["op_fp_per_image"] = f"{fpo:.2f}" if np.isfinite(fpo) else "n/a"
             froc_rows.append(fr)
-            for t, a, b_ in zip(g, fpi, sens):
+            # reader-facing detection metrics (bundle.metrics): false marks, IoU, TPR at FP/cm^2
+            pooled = pool_detection_curves(froc[m]["curves"]) if froc[m]["curves"] else {}
+            cs = curve_summary(pooled, s.froc_fp_rates, s.fp_per_cm2_rates)
+            agg = aggregate(rows[m])
+            fpm, fpc = per_case(m, "n_fp_objects"), per_case(m, "n_fp_clusters")
+            normal = ~has_mcs & valid[m]
+            rd = {
+                "fp_marks_per_image": float(_nanmean(fpm)) if np.any(np.isfinite(fpm)) else NAN,
+                "fp_marks_per_normal_image": float(_nanmean(fpm[normal])) if normal.any() else NAN,
+                "fp_clusters_per_normal_image": float(_nanmean(fpc[normal])) if normal.any() else NAN,
+                "object_iou": agg.get("object_iou_pooled", NAN),
+                "object_iou_detected": agg.get("object_iou_detected_pooled", NAN),
+                "fp_marks_per_cm2": float(pooled["fp_marks_per_cm2"][op]) if pooled else NAN,
+                "object_tpr": float(pooled["object_tpr"][op]) if pooled else NAN,
+            }
+            for r_ in s.fp_per_cm2_rates:
+                key = f"tpr_at_{r_:g}_fp_per_cm2"
+                rd[key] = cs[key]
+            metrics[m].update(rd)
+            detection_rows.append({"method": METHOD_LABELS.get(m, m), "n_normal": int(normal.sum()), **{
+                k: metrics[m].get(k, NAN) for k in _detection_columns(s)}})
+            extra = {k: pooled[k] for k in ("fp_marks_per_image", "fp_marks_per_cm2", "object_tpr")} if pooled else {}
+            for i, (t, a, b_) in enumerate(zip(g, fpi, sens)):
                 froc_points.append({"method": m, "threshold": float(t), "fp_clusters_per_image": float(a),
-                                    "cluster_sensitivity": float(b_)})
+                                    "cluster_sensitivity": float(b_),
+                                    **{k: float(v[i]) for k, v in extra.items()}})
 
         # per-object rows per method
         obj_rows: dict[str, list[dict[str, Any]]] = {}
@@ -1719,6 +1795,7 @@ class MCStudy:
             "curve_rows": curve_rows,
             "froc_rows": froc_rows,
             "froc_points": froc_points,
+            "detection_rows": detection_rows,
             "froc_plot": froc_plot,
             "density_thresholds": {"exterior_min": ext_thr, "interior_max": int_thr},
             "panels": panels,
@@ -1897,6 +1974,20 @@ class MCStudy:
         lines.append("")
         fcols = ["method", "froc_score"] + [f"sens@{f:g}" for f in s.froc_fp_rates] + ["op_sensitivity", "op_fp_per_image"]
         lines.append(markdown_table(r["froc_rows"], fcols) if r["froc_rows"] else "(no method ran)\n")
+        lines.append("### Detection metrics (reader view, at the operating threshold)")
+        lines.append("")
+        lines.append(
+            "False marks: predicted components touching no truth MC (in the breast), per image and per image "
+            "without MCs (n_normal images); FP clusters: predicted clusters hitting no truth MC; cluster "
+            "sensitivity: detected / all truth clusters; object IoU: IoU of each truth MC with the predicted "
+            "components overlapping it, mean over all truth MCs (missed = 0) and over the detected ones; object "
+            f"TPR: truth MCs of >= {s.tpr_min_diameter_mm:g} mm detected; TPR at r FP/cm^2: the object TPR of the "
+            "threshold sweep against false marks per cm^2 of breast, interpolated linearly (HDoGReg's operating "
+            "points). See docs/metrics.md."
+        )
+        lines.append("")
+        dcols = ["method", "n_normal"] + _detection_columns(s)
+        lines.append(markdown_table(r.get("detection_rows", []), dcols) if r.get("detection_rows") else "(no method ran)\n")
         lines.append("### Failed cases")
         lines.append("")
         if r["failed"]:
@@ -1958,6 +2049,8 @@ class MCStudy:
         parts.append("</div>")
         fcols = ["method", "froc_score"] + [f"sens@{f:g}" for f in s.froc_fp_rates] + ["op_sensitivity", "op_fp_per_image"]
         parts.append("<h3>FROC summary</h3>" + _html_table(r["froc_rows"], fcols))
+        parts.append("<h3>Detection metrics (reader view, at the operating threshold)</h3>"
+                     + _html_table(r.get("detection_rows", []), ["method", "n_normal"] + _detection_columns(s)))
         parts.append("<h2>Per-case panels</h2>")
         case_names = [c["case"] for c in r["cases"]]
         prow = []

@@ -194,6 +194,47 @@ def test_case_statistics_row_and_false_alarm():
         assert case_statistics(prob, np.zeros_like(truth), None, 0.1, relaxed)["row"]["false_alarm"] == 0.0
 
 
+def test_case_statistics_reader_metrics_and_sweep():
+    """False marks, object IoU, breast area and the sweep in the form of bundle.metrics.detection_curve."""
+    from bundle.metrics import curve_summary, pool_detection_curves
+
+    s = StudySettings(cluster_link_mm=1.0, froc_thresholds=[0.3, 0.9])
+    truth = np.zeros((60, 60), bool)
+    dots(truth, [(10, 10), (10, 16), (16, 10)])  # 2x2 MCs at 0.1 mm: 0.226 mm, a truth cluster
+    prob = np.zeros((60, 60), np.float32)
+    prob[10:12, 10:12] = 0.8  # one MC exactly: IoU 1, the other two 0
+    prob[40, 40] = 0.6  # a false mark up to threshold 0.6
+    breast = np.zeros((60, 60), bool)
+    breast[:50] = True  # 3000 px of 0.01 mm^2 = 0.3 cm^2
+    st = case_statistics(prob, truth, breast, 0.1, s)
+    row, curve = st["row"], st["curve"]
+    assert row["n_objects_all"] == 3 and row["n_detected_all"] == 1
+    assert row["object_iou"] == pytest.approx(1 / 3) and row["object_iou_detected"] == 1.0
+    assert row["breast_area_cm2"] == pytest.approx(0.3) and row["fp_marks_per_cm2"] == pytest.approx(1 / 0.3)
+    assert list(curve["thresholds"]) == [0.3, 0.5, 0.9]
+    assert curve["n_objects"] == 3 and curve["n_truth_clusters"] == 1
+    assert curve["detected_objects"].tolist() == [1, 1, 0] and curve["fp_marks"].tolist() == [1, 1, 0]
+    assert st["froc"]["fp_objects"].tolist() == [1, 1, 0]
+    # smaller MCs than tpr_min_diameter_mm leave the TPR
+    assert case_statistics(prob, truth, breast, 0.1, StudySettings(tpr_min_diameter_mm=0.3))["curve"]["n_objects"] == 0
+    # pooled with an image without MCs whose 3 false marks form a cluster
+    normal_prob = np.zeros((60, 60), np.float32)
+    for c in (10, 16, 22):
+        normal_prob[30, c] = 0.95
+    st_n = case_statistics(normal_prob, np.zeros_like(truth), None, 0.1, s)
+    assert st_n["row"]["n_fp_objects"] == 3 and st_n["row"]["n_fp_clusters"] == 1
+    assert np.isnan(st_n["row"]["object_iou"])
+    pooled = pool_detection_curves([curve, st_n["curve"]])  # areas 0.3 + 0.36 cm^2
+    assert np.allclose(pooled["fp_marks_per_cm2"], np.array([4, 4, 3]) / 0.66)
+    assert np.allclose(pooled["object_tpr"], [1 / 3, 1 / 3, 0.0])
+    assert np.allclose(pooled["fp_clusters_per_image"], [0.5, 0.5, 0.5])
+    # TPR through (0, 0), (3/0.66, 0) [threshold 0.9] and (4/0.66, 1/3) [0.3 and 0.5]
+    tpr = curve_summary(pooled, fp_per_cm2_rates=[1.0, 5.0, 7.0])
+    assert tpr["tpr_at_1_fp_per_cm2"] == 0.0
+    assert tpr["tpr_at_5_fp_per_cm2"] == pytest.approx((5.0 - 3 / 0.66) / (1 / 0.66) / 3)  # = 0.1
+    assert tpr["tpr_at_7_fp_per_cm2"] == pytest.approx(1 / 3)
+
+
 # ----------------------------------------------------------------------------------------------
 # patient level, curves, FROC
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +403,7 @@ def test_study_in_process_failures_skips_and_tables(tmp_path):
         network=BrightnessSegAI(), ckpt_path=tmp_path / "segai.pt", inferer=plain_inferer,
         methods=["segai", "sp2", "segai+genai"], inpainter=None, inpainter_ckpt_path=tmp_path / "missing.pt",
         settings={"cluster_link_mm": 1.0, "bootstrap_resamples": 50, "max_panels": 1, "size_thresholds_px": [4, 10, None],
-                  "table3_sizes_px": [4, None]},
+                  "table3_sizes_px": [4, None], "tpr_min_diameter_mm": 0.1},
         reference_method="segai", log_mlflow=False, command="python -m monai.bundle run --config_file x.json",
         results_doc=tmp_path / "docs" / "results.md", progress=False,
     )
@@ -375,6 +416,13 @@ def test_study_in_process_failures_skips_and_tables(tmp_path):
     assert m["ppv"] == pytest.approx(1.0) and m["image_specificity"] == 1.0
     assert m["image_detection_a_all"] == 1.0 and m["cluster_sensitivity"] == 1.0 and m["fp_clusters_per_image"] == 0.0
     assert m["froc_score"] == 1.0
+    # reader metrics: no false mark anywhere; the 7 bright MCs are segmented exactly, the faint one missed
+    assert m["fp_marks_per_image"] == 0.0 and m["fp_marks_per_normal_image"] == 0.0
+    assert m["fp_clusters_per_normal_image"] == 0.0 and m["fp_marks_per_cm2"] == 0.0
+    assert m["object_iou"] == pytest.approx(7 / 8) and m["object_iou_detected"] == pytest.approx(1.0)
+    assert m["object_tpr"] == pytest.approx(7 / 8) and m["tpr_at_0.1_fp_per_cm2"] == pytest.approx(7 / 8)
+    pts = [p for p in res["froc_points"] if p["method"] == "segai"]
+    assert {"fp_marks_per_image", "fp_marks_per_cm2", "object_tpr"} <= set(pts[0])
     # Table 4 (MC-GenRef's columns): no false positive, so specificity is 1 on both MC images
     assert m["fnr"] == pytest.approx(np.mean([0.0, 4 / 16]))
     assert m["balanced_accuracy"] == pytest.approx(np.mean([1.0, (1 + 12 / 16) / 2]))
@@ -386,6 +434,7 @@ def test_study_in_process_failures_skips_and_tables(tmp_path):
     assert raw_int[0] == pytest.approx(1500.0) and raw_int[-1] == pytest.approx(2500.0)
     md = (tmp_path / "out" / "results.md").read_text()
     for needle in ("Table 1", "Table 2", "Table 3", "Table 4", "G-Mean", "FROC", "python -m monai.bundle run --config_file x.json",
+                   "### Detection metrics", "tpr_at_0.5_fp_per_cm2",
                    "`segai+genai`: needs inpainter weights", "| broken |", "specificity (images without MCs)"):
         assert needle in md, needle
     assert "Not available" in md  # Table 2 needs segai+genai and grid_genai
@@ -444,7 +493,8 @@ def test_bundle_study_end_to_end(tmp_path):
     for m in methods:
         r = by_name[m]
         assert r.info.status == "FINISHED" and r.data.params["method"] == m
-        for key in ("sensitivity", "activation_rate", "froc_score", "image_detection_a_le50", "sensitivity_ci_lo"):
+        for key in ("sensitivity", "activation_rate", "froc_score", "image_detection_a_le50", "sensitivity_ci_lo",
+                    "fp_marks_per_image", "fp_marks_per_normal_image", "object_iou", "tpr_at_0.5_fp_per_cm2"):
             assert key in r.data.metrics
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"per_case.csv", "objects.csv", "froc.csv", "panels", "results.md"} <= arts
@@ -453,7 +503,7 @@ def test_bundle_study_end_to_end(tmp_path):
     assert {"summary/report.html", "summary/fig6a.png", "summary/froc.png", "summary/config.json"} <= summ
 
     md = (out / "results.md").read_text()
-    for needle in ("### Table 1", "### Table 2", "### Table 3", "### Cluster FROC", "SegAI+R:GenAI",
+    for needle in ("### Table 1", "### Table 2", "### Table 3", "### Cluster FROC", "### Detection metrics", "SegAI+R:GenAI",
                    "python -m monai.bundle run --config_file configs/evaluate_study.json"):
         assert needle in md, needle
     assert "Not available" not in md  # Table 2 has both rows
