@@ -630,3 +630,56 @@ def test_handler_and_activation_rate_in_monai_evaluator(tmp_path):
     assert evaluator.state.metrics["val_act"] == approx(3 / 112)
     assert [r["case"] for r in handler.rows] == ["caseA", "caseB"]
     assert handler.rows[0]["spacing_row_mm"] == 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# scripts/score_outputs.py on a hand-made output folder
+# ------------------------------------------------------------------------------------------
+def test_score_outputs_prints_detection_metrics_per_case_and_pooled(tmp_path, capsys):
+    from bundle.data import save_nifti_atomic
+    from bundle.phantom import make_phantom, write_mg_dicom
+    from scripts.score_outputs import main as score_main
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    shape = (256, 208)
+    ph = make_phantom(shape=shape, spacing=0.1, view="CC", laterality="L", seed=3, with_mcs=False, traps=False)
+    cluster = [(100, 60), (100, 100), (100, 140)]  # 3 marks 4 mm apart at 0.1 mm
+    for stem, truth_dots, pred_dots in (("normal", [], cluster + [(200, 60)]), ("pos", cluster, cluster)):
+        write_mg_dicom(inp / f"{stem}.dcm", ph["image"].astype(np.uint16), spacing=0.1, laterality="L", view="CC")
+        truth = np.zeros(shape, np.uint8)
+        pred = np.zeros(shape, np.uint8)
+        for r, c in truth_dots:
+            truth[r:r + 2, c:c + 2] = 1
+        for r, c in pred_dots:
+            pred[r:r + 2, c:c + 2] = 1
+        save_nifti_atomic(truth, inp / f"{stem}_label.nii.gz", spacing=(0.1, 0.1))
+        (out / stem).mkdir(parents=True)
+        save_nifti_atomic(pred, out / stem / f"{stem}_mask.nii.gz", spacing=(0.1, 0.1))
+        save_nifti_atomic(pred.astype(np.float32) * 0.85, out / stem / f"{stem}_prob.nii.gz", spacing=(0.1, 0.1))
+    code = score_main([str(inp), str(out), "--csv", str(tmp_path / "pc.csv"), "--curve-csv", str(tmp_path / "curve.csv")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    lines = {ln.split(":")[0]: ln for ln in text.splitlines()}
+    # every mark of the calcification-free image is false: 4 marks, the 3 in a row make a false cluster
+    assert "false marks 4 (" in lines["normal"] and "FP clusters 1," in lines["normal"]
+    assert "truth clusters detected 0/0" in lines["normal"] and "object IoU n/a" in lines["normal"]
+    assert "false marks 0 (" in lines["pos"] and "FP clusters 0," in lines["pos"]
+    assert "truth clusters detected 1/1" in lines["pos"] and "object IoU 1.000 (detected 1.000)" in lines["pos"]
+    assert "false marks per image 2.00" in text and "FP clusters per image 0.50" in text
+    assert "1 image without MCs: 4.00 false marks, 1.00 FP clusters per image" in text
+    assert "cluster sensitivity 1/1 = 1.000" in text
+    # sweep of the 0.85 maps: thresholds <= 0.8 give (0.5 FP clusters / image, 1.0), above (0, 0)
+    assert "cluster FROC score 0.800" in text and "0.25: 0.000, 0.5: 1.000" in text
+    with open(tmp_path / "pc.csv", newline="") as f:
+        table = {r["case"]: r for r in csv.DictReader(f)}
+    assert table["normal"]["n_fp_clusters"] == "1" and table["pos"]["n_detected_clusters"] == "1"
+    assert float(table["normal"]["fp_marks_per_cm2"]) == approx(4 / float(table["normal"]["breast_area_cm2"]))
+    with open(tmp_path / "curve.csv", newline="") as f:
+        curve = list(csv.DictReader(f))
+    assert list(curve[0]) == list(CURVE_COLUMNS) and len(curve) == 14
+    assert [float(r["fp_clusters"]) for r in curve] == [1.0] * 10 + [0.0] * 4  # 0.9 and above drop all
+    # a mask without its probability map: per-case metrics, no sweep
+    (out / "pos" / "pos_prob.nii.gz").unlink()
+    assert score_main([str(inp), str(out)]) == 0
+    assert "sweep skipped: no prob map for pos" in capsys.readouterr().out
