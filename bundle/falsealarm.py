@@ -16,6 +16,12 @@ device; calcifications survive when they stand out of the image's own tissue, wh
 reader does. ``min_threshold`` keeps a floor (a clean image whose candidates are all weak gets
 none), ``max_threshold`` a ceiling (a strong MC is never dropped because the tissue is busy).
 
+Calcifications that matter come in clusters. With ``cluster_false_marks`` (> ``expected_false_marks``)
+the control also keeps the weaker candidates that reach the image's threshold at that looser
+rate *and* form a cluster among themselves (at least ``cluster_min_count`` centres linked at
+``cluster_link_mm``, single linkage): a faint cluster is kept as a cluster, while isolated
+tissue marks at that level are not.
+
 The final mask is a hysteresis threshold (``skimage.filters.apply_hysteresis_threshold``): whole
 candidate components whose peak reaches the image's threshold, so a kept mark keeps its extent.
 """
@@ -29,7 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from bundle.clusters import label_maxima
+from bundle.clusters import find_clusters, label_maxima
 
 __all__ = ["FalseAlarmControl", "null_tail_threshold", "candidate_scores"]
 
@@ -123,6 +129,11 @@ class FalseAlarmControl:
         min_threshold: floor of the per-image threshold.
         max_threshold: ceiling of the per-image threshold.
         connectivity: 1 (4-) or 2 (8-connectivity) of the marks.
+        cluster_false_marks: optional looser operating point for clustered candidates (see the
+            module docstring); ``None`` keeps single marks only.
+        cluster_link_mm: linking distance of a cluster in mm.
+        cluster_min_count: fewest candidates of a cluster.
+        spacing_mm: pixel spacing of the maps in mm (the working grid), for the clusters.
     """
 
     def __init__(
@@ -133,7 +144,15 @@ class FalseAlarmControl:
         min_threshold: float = 0.5,
         max_threshold: float = 0.999,
         connectivity: int = 2,
+        cluster_false_marks: float | None = None,
+        cluster_link_mm: float = 5.0,
+        cluster_min_count: int = 3,
+        spacing_mm: float = 0.07,
     ) -> None:
+        if cluster_false_marks is not None and cluster_false_marks < expected_false_marks:
+            raise ValueError(f"cluster_false_marks ({cluster_false_marks}) must be >= expected_false_marks ({expected_false_marks})")
+        if spacing_mm <= 0:
+            raise ValueError(f"spacing_mm must be > 0, got {spacing_mm}")
         if not 0.0 < candidate_threshold < 1.0:
             raise ValueError(f"candidate_threshold must lie in (0, 1), got {candidate_threshold}")
         if not candidate_threshold <= min_threshold <= max_threshold:
@@ -147,7 +166,35 @@ class FalseAlarmControl:
         self.min_threshold = float(min_threshold)
         self.max_threshold = float(max_threshold)
         self.connectivity = int(connectivity)
+        self.cluster_false_marks = None if cluster_false_marks is None else float(cluster_false_marks)
+        self.cluster_link_mm = float(cluster_link_mm)
+        self.cluster_min_count = int(cluster_min_count)
+        self.spacing_mm = float(spacing_mm)
         null_tail_threshold([], 1.0, self.fit_ranks)  # validates fit_ranks early
+
+    def select(self, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Which candidates to keep (see :func:`candidate_scores` for ``labels`` and ``scores``).
+
+        Args:
+            labels: (H, W) candidate labels 1..n.
+            scores: (n,) candidate peak scores.
+
+        Returns:
+            ``(keep, threshold, cluster_threshold)``: (n,) bool, the image's threshold and the
+            looser one of clustered candidates (NaN without ``cluster_false_marks``).
+        """
+        t = null_tail_threshold(scores, self.expected_false_marks, self.fit_ranks, self.min_threshold, self.max_threshold)
+        keep = scores >= t
+        t_cl = float("nan")
+        if self.cluster_false_marks is not None and scores.size:
+            t_cl = null_tail_threshold(scores, self.cluster_false_marks, self.fit_ranks, self.min_threshold, self.max_threshold)
+            loose = np.flatnonzero((scores >= t_cl) & ~keep)
+            if loose.size:
+                pool = np.flatnonzero(scores >= t_cl)
+                cents = np.asarray(ndimage.center_of_mass(labels > 0, labels, pool + 1)).reshape(-1, 2) * self.spacing_mm
+                ids, _ = find_clusters(cents, self.cluster_link_mm, self.cluster_min_count)
+                keep[pool[ids >= 0]] = True
+        return keep, t, t_cl
 
     def __call__(self, prob: Any, breast: Any | None = None) -> dict[str, Any]:
         """Mask and operating point of one image.
@@ -157,11 +204,12 @@ class FalseAlarmControl:
             breast: optional (H, W) breast mask; marks are kept inside it only.
 
         Returns:
-            dict with ``mask`` (H, W) bool, ``threshold`` (this image's), ``n_candidates`` and
-            ``n_marks``.
+            dict with ``mask`` (H, W) bool, ``threshold`` (this image's), ``cluster_threshold``
+            (NaN without clusters), ``n_candidates`` and ``n_marks``.
         """
         p = np.asarray(prob, dtype=np.float32)
         labels, scores = candidate_scores(p, self.candidate_threshold, breast, self.connectivity)
-        t = null_tail_threshold(scores, self.expected_false_marks, self.fit_ranks, self.min_threshold, self.max_threshold)
-        keep = np.concatenate([[False], scores >= t])
-        return {"mask": keep[labels], "threshold": t, "n_candidates": int(scores.size), "n_marks": int(keep.sum())}
+        keep, t, t_cl = self.select(labels, scores)
+        keep = np.concatenate([[False], keep])
+        return {"mask": keep[labels], "threshold": t, "cluster_threshold": t_cl, "n_candidates": int(scores.size),
+                "n_marks": int(keep.sum())}

@@ -57,11 +57,11 @@ def _case(input_dir: Path, output_dir: Path, stem: str, map_key: str, min_d: flo
             "truth_cluster": tcl, "n_truth_clusters": n_cl, "breast": breast, "spacing": spacing}
 
 
-def _score(case: dict, labels: np.ndarray, scores: np.ndarray, t: float) -> dict:
-    """Counts of one view when candidates scoring >= t are kept."""
+def _score(case: dict, labels: np.ndarray, keep_mask: np.ndarray) -> dict:
+    """Counts of one view when the candidates of ``keep_mask`` are kept."""
     from bundle.clusters import find_clusters
 
-    keep = np.flatnonzero(scores >= t) + 1
+    keep = np.flatnonzero(keep_mask) + 1
     n_t = case["n_truth"]
     tl = case["truth_labels"]
     sel = (labels > 0) & (tl > 0)
@@ -104,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidate", type=float, nargs="*", default=[0.1], help="candidate thresholds")
     ap.add_argument("--fit-ranks", type=int, nargs="*", default=[30, 300], help="pairs: first last ...")
     ap.add_argument("--min-threshold", type=float, nargs="*", default=[0.5])
+    ap.add_argument("--cluster-expected", type=float, nargs="*", default=[0], help="looser rate for clustered candidates (0: off)")
     ap.add_argument("--fixed", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95, 0.99], help="global thresholds to compare")
     ap.add_argument("--min-diameter-mm", type=float, default=0.2)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from bundle.falsealarm import candidate_scores, null_tail_threshold
+    from bundle.falsealarm import FalseAlarmControl, candidate_scores
 
     stems = sorted(p.name[: -len("_label.nii.gz")] for p in args.input_dir.glob("*_label.nii.gz"))
     cases = [c for c in (_case(args.input_dir, args.output_dir, s, args.map, args.min_diameter_mm) for s in stems) if c]
@@ -119,18 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for cand in args.candidate:
         cand_data = [candidate_scores(c["prob"], cand, c["breast"]) for c in cases]
-        settings = [("fixed", t, None, None) for t in args.fixed if t >= cand]
-        settings += [("control", e, fr, mt) for e, fr, mt in itertools.product(args.expected, fit_pairs, args.min_threshold) if mt >= cand]
-        for kind, v, fr, mt in settings:
+        settings = [("fixed", t, None, None, 0) for t in args.fixed if t >= cand]
+        settings += [("control", e, fr, mt, ce) for e, fr, mt, ce in
+                     itertools.product(args.expected, fit_pairs, args.min_threshold, args.cluster_expected)
+                     if mt >= cand and (ce == 0 or ce > e)]
+        for kind, v, fr, mt, ce in settings:
             res = []
+            ctl = None if kind == "fixed" else FalseAlarmControl(
+                v, cand, fr, mt, cluster_false_marks=ce or None)
             for c, (lab, sc) in zip(cases, cand_data):
-                t = v if kind == "fixed" else null_tail_threshold(sc, v, fr, mt)
-                r = _score(c, lab, sc, t)
+                if ctl is None:
+                    keep, t = sc >= v, v
+                else:
+                    ctl.spacing_mm = c["spacing"]  # the maps are on each view's own grid here
+                    keep, t, _ = ctl.select(lab, sc)
+                r = _score(c, lab, keep)
                 r.update(stem=c["stem"], t=t, clean=c["n_truth"] == 0, breast_px=int(c["breast"].sum()))
                 res.append(r)
             clean = [r for r in res if r["clean"]]
             inj = [r for r in res if not r["clean"]]
-            name = f"fixed t={v:g}" if kind == "fixed" else f"control E={v:g} fit={fr} min={mt:g}"
+            name = f"fixed t={v:g}" if kind == "fixed" else f"control E={v:g} fit={fr} min={mt:g} cl={ce:g}"
             row = {
                 "setting": f"cand {cand:g} {name}",
                 "fp_marks_all": np.mean([r["fp_marks"] for r in res]),

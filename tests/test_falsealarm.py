@@ -92,3 +92,27 @@ def test_candidate_scores_and_bad_input():
         FalseAlarmControl(candidate_threshold=0.0)
     with pytest.raises(ValueError, match="min_threshold"):
         FalseAlarmControl(candidate_threshold=0.5, min_threshold=0.2)
+
+
+def test_cluster_rescue_keeps_a_faint_cluster_not_faint_singles():
+    rng = np.random.default_rng(7)
+    h, w = 400, 400
+    prob = np.zeros((h, w), np.float32)
+    ys, xs = np.meshgrid(np.arange(5, h - 5, 10), np.arange(5, w - 5, 10), indexing="ij")
+    pos = np.stack([ys.ravel(), xs.ravel()], 1)
+    prob[pos[:, 0], pos[:, 1]] = _null_scores(len(pos), rng)
+    # a faint cluster of 4 marks 0.3 mm apart (at 0.1 mm/px) and 2 faint isolated marks
+    faint = 1.0 / (1.0 + np.exp(-(-3.0 + 4.5)))  # above the loose, below the strict threshold
+    cluster = [(200, 202), (203, 202), (200, 206), (204, 207)]
+    singles = [(52, 52), (352, 352)]
+    for r, c in cluster + singles:
+        prob[r, c] = faint
+    base = dict(expected_false_marks=2.0, candidate_threshold=0.02, min_threshold=0.05, spacing_mm=0.1, cluster_link_mm=0.5)
+    strict = FalseAlarmControl(**base)(prob)
+    assert not any(strict["mask"][r, c] for r, c in cluster)
+    rescued = FalseAlarmControl(**base, cluster_false_marks=40.0)(prob)
+    assert all(rescued["mask"][r, c] for r, c in cluster)
+    assert not any(rescued["mask"][r, c] for r, c in singles)
+    assert rescued["cluster_threshold"] < rescued["threshold"]
+    with pytest.raises(ValueError, match="cluster_false_marks"):
+        FalseAlarmControl(expected_false_marks=5, cluster_false_marks=2)
