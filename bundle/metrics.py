@@ -461,10 +461,15 @@ def truth_clusters(
     link_mm: float = 5.0,
     min_count: int = 3,
     connectivity: int = 2,
+    member_min_diameter_mm: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """
     Truth MC objects and their clusters: single-linkage groups of object centres (``link_mm``) with
     at least ``min_count`` objects (:func:`bundle.clusters.find_clusters`).
+
+    With ``member_min_diameter_mm`` > 0 only objects of at least that equivalent diameter are
+    cluster members (a cluster made only of 0.1 mm specks, one pixel at 0.1 mm, is then not a
+    truth cluster; the smaller objects get cluster id -1).
 
     Args:
         truth: (H, W) truth mask.
@@ -472,6 +477,7 @@ def truth_clusters(
         link_mm: linking distance between object centres in mm.
         min_count: smallest number of objects of a cluster.
         connectivity: 1 (4-connectivity) or 2 (8-connectivity).
+        member_min_diameter_mm: smallest equivalent diameter of a cluster member.
 
     Returns:
         ``(labels, cluster_ids, n_clusters)``: (H, W) int32 object labels 1..n (the numbering of
@@ -482,7 +488,11 @@ def truth_clusters(
     row_mm, col_mm = _spacing_pair(spacing_mm)
     labels, marks = mark_table(t, spacing_mm=(row_mm, col_mm), connectivity=connectivity)
     cents = np.array([[m["row"] * row_mm, m["col"] * col_mm] for m in marks], dtype=float).reshape(-1, 2)
-    ids, n_clusters = find_clusters(cents, link_mm, min_count)
+    diam = 2.0 * np.sqrt(np.array([m["size_px"] for m in marks], dtype=float) * row_mm * col_mm / math.pi)
+    member = diam >= member_min_diameter_mm * (1.0 - 1e-9)
+    ids = np.full(len(marks), -1, dtype=int)
+    sub, n_clusters = find_clusters(cents[member], link_mm, min_count)
+    ids[member] = sub
     return labels, ids, int(n_clusters)
 
 
@@ -501,6 +511,7 @@ def cluster_stats(
     min_count: int = 3,
     min_hit_mcs: int = 1,
     connectivity: int = 2,
+    member_min_diameter_mm: float = 0.0,
 ) -> dict[str, float | int]:
     """
     MC clusters of one binary prediction against the truth.
@@ -522,6 +533,8 @@ def cluster_stats(
         min_count: smallest number of marks (objects) of a cluster.
         min_hit_mcs: objects of a truth cluster one predicted cluster must hit.
         connectivity: 1 (4-connectivity) or 2 (8-connectivity).
+        member_min_diameter_mm: smallest truth object that counts as a cluster member
+            (:func:`truth_clusters`).
 
     Returns:
         dict with ``n_pred_clusters``, ``n_fp_clusters``, ``n_truth_clusters``,
@@ -533,7 +546,7 @@ def cluster_stats(
     t = _as_mask(truth, "truth")
     if p.shape != t.shape:
         raise ValueError(f"pred shape {p.shape} differs from truth shape {t.shape}.")
-    labels, ids, n_tc = truth_clusters(t, spacing_mm, link_mm, min_count, connectivity)
+    labels, ids, n_tc = truth_clusters(t, spacing_mm, link_mm, min_count, connectivity, member_min_diameter_mm)
     cc = _cluster_counts(
         p.astype(np.float32), [0.5], labels, ids, n_tc, _spacing_pair(spacing_mm), None, link_mm, min_count,
         min_hit_mcs, 1, connectivity,

@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-diameter-mm", type=float, default=0.2)
     ap.add_argument("--link-mm", type=float, default=5.0, help="cluster linking distance between mark centres")
     ap.add_argument("--min-cluster", type=int, default=3, help="smallest number of marks of a cluster")
+    ap.add_argument("--cluster-min-diameter-mm", type=float, default=0.0,
+                    help="smallest truth MC that counts as a member of a truth cluster (0: every MC)")
     ap.add_argument("--fp-per-cm2", type=float, nargs="+", default=[0.1, 0.5, 1.0],
                     help="false marks per cm^2 of breast at which the swept object TPR is reported")
     ap.add_argument("--no-sweep", action="store_true", help="do not sweep the probability maps")
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         ps = pixel_stats(pred, truth, breast)
         ob = object_stats(pred, truth, spacing, min_diameter_mm=args.min_diameter_mm)
         iou = object_iou(pred, truth)
-        cl = cluster_stats(pred, truth, spacing, link_mm=args.link_mm, min_count=args.min_cluster)
+        cl = cluster_stats(pred, truth, spacing, link_mm=args.link_mm, min_count=args.min_cluster,
+                           member_min_diameter_mm=args.cluster_min_diameter_mm)
         area = float(np.count_nonzero(breast)) * spacing[0] * spacing[1] / 100.0
         row = {
             "case": stem, **{k: v for k, v in ps.items()},

@@ -33,7 +33,7 @@ def _load(path: Path) -> np.ndarray:
     return np.squeeze(np.asarray(nib.load(str(path)).dataobj))
 
 
-def _case(input_dir: Path, output_dir: Path, stem: str, map_key: str, min_d: float) -> dict | None:
+def _case(input_dir: Path, output_dir: Path, stem: str, map_key: str, min_d: float, cluster_min_d: float = 0.0) -> dict | None:
     from bundle.clusters import find_clusters
     from bundle.data import BreastMaskd, LoadMammogramd, OrientBreastd, RestoreGeometryd
 
@@ -52,7 +52,10 @@ def _case(input_dir: Path, output_dir: Path, stem: str, map_key: str, min_d: flo
     sizes = np.bincount(tl.ravel(), minlength=n_t + 1)[1:]
     diam = 2.0 * np.sqrt(sizes * spacing * spacing / np.pi)
     cents = np.array(ndimage.center_of_mass(truth, tl, range(1, n_t + 1))).reshape(-1, 2) * spacing
-    tcl, n_cl = find_clusters(cents, 5.0, 3) if n_t else (np.zeros(0, int), 0)
+    member = diam >= cluster_min_d * (1 - 1e-9)
+    tcl = np.full(n_t, -1, dtype=int)
+    sub, n_cl = find_clusters(cents[member], 5.0, 3) if member.any() else (np.zeros(0, int), 0)
+    tcl[member] = sub
     return {"stem": stem, "prob": prob, "truth_labels": tl, "n_truth": n_t, "included": diam >= min_d * (1 - 1e-9),
             "truth_cluster": tcl, "n_truth_clusters": n_cl, "breast": breast, "spacing": spacing}
 
@@ -107,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cluster-expected", type=float, nargs="*", default=[0], help="looser rate for clustered candidates (0: off)")
     ap.add_argument("--fixed", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95, 0.99], help="global thresholds to compare")
     ap.add_argument("--min-diameter-mm", type=float, default=0.2)
+    ap.add_argument("--cluster-min-diameter-mm", type=float, default=0.2,
+                    help="smallest truth MC that counts as a member of a truth cluster (0: every MC)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from bundle.falsealarm import FalseAlarmControl, candidate_scores
 
     stems = sorted(p.name[: -len("_label.nii.gz")] for p in args.input_dir.glob("*_label.nii.gz"))
-    cases = [c for c in (_case(args.input_dir, args.output_dir, s, args.map, args.min_diameter_mm) for s in stems) if c]
+    cases = [c for c in (_case(args.input_dir, args.output_dir, s, args.map, args.min_diameter_mm, args.cluster_min_diameter_mm) for s in stems) if c]
     if not cases:
         print("no cases")
         return 1

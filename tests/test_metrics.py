@@ -683,3 +683,24 @@ def test_score_outputs_prints_detection_metrics_per_case_and_pooled(tmp_path, ca
     (out / "pos" / "pos_prob.nii.gz").unlink()
     assert score_main([str(inp), str(out)]) == 0
     assert "sweep skipped: no prob map for pos" in capsys.readouterr().out
+
+
+def test_cluster_members_can_be_limited_by_size():
+    """A truth cluster made only of 1-px specks counts only when every MC size is a member."""
+    from bundle.metrics import cluster_stats, truth_clusters
+
+    truth = np.zeros((100, 100), bool)
+    for c in (10, 14, 18):  # three 1-px specks 0.4 mm apart at 0.1 mm
+        truth[50, c] = True
+    for c in (60, 66, 72):  # three 3x3 MCs (0.34 mm)
+        truth[20:23, c : c + 3] = True
+    _, ids, n = truth_clusters(truth, 0.1)
+    assert n == 2
+    _, ids, n = truth_clusters(truth, 0.1, member_min_diameter_mm=0.2)
+    assert n == 1 and (ids >= 0).sum() == 3
+    pred = np.zeros_like(truth)
+    pred[20:23, 60:75] = False
+    for c in (60, 66, 72):
+        pred[21, c + 1] = True
+    assert cluster_stats(pred, truth, 0.1)["cluster_sensitivity"] == 0.5
+    assert cluster_stats(pred, truth, 0.1, member_min_diameter_mm=0.2)["cluster_sensitivity"] == 1.0
