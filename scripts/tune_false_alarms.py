@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 "t_range": f"{min(r['t'] for r in res):.3f}-{max(r['t'] for r in res):.3f}",
             }
             rows.append(row)
-            print(" | ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            print(" | ".join(f"{k}={v:.4f}" if k.startswith("act") else (f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}")
+                             for k, v in row.items()), flush=True)
     return 0
 
 
