@@ -170,6 +170,17 @@ def _is_number(v: Any) -> bool:
 # ----------------------------------------------------------------------------------------------
 # pure metric functions
 # ----------------------------------------------------------------------------------------------
+def _pred_truth_masks(pred: Any, truth: Any, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean prediction and truth of one shape, with a checked 2-D connectivity."""
+    p = _as_mask(pred, "pred")
+    t = _as_mask(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"pred shape {p.shape} differs from truth shape {t.shape}.")
+    if connectivity not in (1, 2):
+        raise ValueError(f"connectivity must be 1 or 2 for 2-D masks, got {connectivity}.")
+    return p, t
+
+
 def pixel_stats(pred: Any, truth: Any, breast: Any | None = None) -> dict[str, float | int]:
     """
     Pixel-level statistics of one image.
@@ -273,12 +284,7 @@ def object_stats(
         ``centroid_col``, ``detected``, ``included`` (and the densities when ``image`` is given).
 
     """
-    p = _as_mask(pred, "pred")
-    t = _as_mask(truth, "truth")
-    if p.shape != t.shape:
-        raise ValueError(f"pred shape {p.shape} differs from truth shape {t.shape}.")
-    if connectivity not in (1, 2):
-        raise ValueError(f"connectivity must be 1 or 2 for 2-D masks, got {connectivity}.")
+    p, t = _pred_truth_masks(pred, truth, connectivity)
     row_mm, col_mm = _spacing_pair(spacing_mm)
     structure = ndimage.generate_binary_structure(2, connectivity)
 
@@ -426,12 +432,7 @@ def object_iou(pred: Any, truth: Any, connectivity: int = 2) -> dict[str, Any]:
         over the detected ones, NaN when none is detected).
 
     """
-    p = _as_mask(pred, "pred")
-    t = _as_mask(truth, "truth")
-    if p.shape != t.shape:
-        raise ValueError(f"pred shape {p.shape} differs from truth shape {t.shape}.")
-    if connectivity not in (1, 2):
-        raise ValueError(f"connectivity must be 1 or 2 for 2-D masks, got {connectivity}.")
+    p, t = _pred_truth_masks(pred, truth, connectivity)
     structure = ndimage.generate_binary_structure(2, connectivity)
     tl, n_t = ndimage.label(t, structure=structure)
     if n_t == 0:

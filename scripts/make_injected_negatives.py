@@ -296,14 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     entries: list[tuple[str, str]] = []
     cases = []
     for k, src in enumerate(sources):
-        breast = breast_mask(src.image, src.spacing)
-        image, breast, flipped = orient(src, breast)
-        # avoid masks are built in the "chest wall left" frame and mirrored for R
-        canon_img = image if src.laterality == "L" else image[:, ::-1]
-        canon_br = breast if src.laterality == "L" else breast[:, ::-1]
-        avoid = pectoral_avoid(canon_img.shape, src.view) | mass_avoid(canon_img, canon_br, src.spacing)
-        if src.laterality == "R":
-            avoid = avoid[:, ::-1]
+        image, breast, avoid, flipped = _prepared(src)
         max_v = (1 << src.bits_stored) - 1
         for v in range(args.variants):
             rng = np.random.default_rng(np.random.SeedSequence([int(args.seed), k, v]))
