@@ -43,6 +43,7 @@ __all__ = [
     "OrientBreastd",
     "ResampleToSpacingd",
     "compute_breast_mask",
+    "large_scale_structure",
     "BreastMaskd",
     "NormalizeMammogramd",
     "RestoreGeometryd",
@@ -402,7 +403,9 @@ def _read_png(path: PathLike) -> tuple[np.ndarray, dict]:
             mode = im.mode
             if n_frames > 1:
                 raise MammogramError(path, f"multi-frame image ({n_frames} frames) is not supported")
-            if mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F", "1"):
+            if mode == "1":
+                raise MammogramError(path, "1-bit (binary) image: not a mammogram (a mask or a fax-style scan?)")
+            if mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
                 raise MammogramError(
                     path, f"colour image (PIL mode {mode}) is not supported; save the mammogram as 8/16-bit grey-scale"
                 )
@@ -432,8 +435,10 @@ def _read_tiff(path: PathLike) -> tuple[np.ndarray, dict]:
                 raise MammogramError(
                     path, f"colour image (TIFF photometric {photometric}, {page.samplesperpixel} samples) is not supported"
                 )
-            arr = page.asarray()
             bits = int(page.bitspersample)
+            if bits == 1:
+                raise MammogramError(path, "1-bit (binary) image: not a mammogram (a mask or a fax-style scan?)")
+            arr = page.asarray()
     except MammogramError:
         raise
     except Exception as e:
@@ -554,6 +559,25 @@ def _read_pixels(
     return arr, info
 
 
+def _check_grey_levels(arr: np.ndarray, path: PathLike) -> None:
+    """Refuse blank (one value) and binary (two values) images: neither can be a mammogram.
+
+    Args:
+        arr: the finite 2-D pixel array.
+        path: the file, for the message.
+
+    Raises:
+        MammogramError: naming the file and what was found.
+    """
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise MammogramError(path, f"blank image: every pixel is {lo:g}; not a mammogram")
+    if not bool(((arr > lo) & (arr < hi)).any()):
+        raise MammogramError(
+            path, f"binary image (only the grey levels {lo:g} and {hi:g}): not a mammogram (a mask?)"
+        )
+
+
 def read_mammogram(
     path: PathLike,
     spacing: float | Sequence[float] | None = None,
@@ -584,13 +608,16 @@ def read_mammogram(
     sp = override if override is not None else info["spacing"]
     if sp is None:
         where = "PixelSpacing/ImagerPixelSpacing" if info["format"] == "dicom" else f"a {info['format'].upper()} file"
-        raise MammogramError(path, f"no pixel spacing ({where} has none); set `spacing` (mm) in the config")
+        raise MammogramError(
+            path, f"no pixel spacing ({where} has none); give it with --pixel_spacing (mm), e.g. --pixel_spacing 0.07"
+        )
     arr = np.asarray(arr)
     if arr.dtype.kind == "f":
         arr = _handle_non_finite(arr, path, nan_policy)
     arr32 = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr32).all():  # e.g. float64 values beyond float32 range
         arr32 = _handle_non_finite(arr32, path, nan_policy)
+    _check_grey_levels(arr32, path)
     affine = torch.diag(torch.tensor([sp[0], sp[1], 1.0], dtype=torch.float64))
     meta = {
         "filename_or_obj": str(path),
@@ -703,8 +730,15 @@ def _foreground(small: np.ndarray) -> tuple[np.ndarray, float, float] | None:
     return clipped > t, t, bg
 
 
-def chest_wall_on_right(image: np.ndarray | torch.Tensor, laterality: str = "U", method: str = "laterality") -> bool:
+def chest_wall_on_right(
+    image: np.ndarray | torch.Tensor, laterality: str = "U", method: str = "laterality", path: PathLike | None = None
+) -> bool:
     """Decide whether the chest wall is on the right-hand side (high column indices).
+
+    The image content is judged twice: by the breast mass in the two column halves and by the
+    image border the tissue touches (a breast lies against the detector edge at the chest wall
+    only). When a laterality tag and the image clearly disagree (3x more tissue on the other
+    half, or tissue along the other border only) a warning naming the file is issued.
 
     Args:
         image: ``(H, W)`` or ``(1, H, W)`` image, bright = dense.
@@ -712,6 +746,7 @@ def chest_wall_on_right(image: np.ndarray | torch.Tensor, laterality: str = "U",
             its chest wall on the right.
         method: ``"laterality"`` (laterality when known, else image content) or ``"intensity"``
             (image content only: breast mass in the left vs right column halves).
+        path: the source file, named in the warnings.
 
     Returns:
         True when the columns must be reversed to bring the chest wall to column 0.
@@ -723,6 +758,7 @@ def chest_wall_on_right(image: np.ndarray | torch.Tensor, laterality: str = "U",
     small, _ = _downsample(arr, 512)
     by_image: bool | None = None
     ratio = 1.0
+    touch = (0.0, 0.0)  # fraction of rows whose tissue reaches the left / right border
     fg = _foreground(small) if np.isfinite(small).all() else None
     if fg is not None:
         mask, _, bg = fg
@@ -731,18 +767,26 @@ def chest_wall_on_right(image: np.ndarray | torch.Tensor, laterality: str = "U",
         left, right = float(weight[:, : w // 2].sum()), float(weight[:, w - w // 2 :].sum())
         by_image = right > left
         ratio = (max(left, right) + 1e-6) / (min(left, right) + 1e-6)
+        margin = max(2, round(0.02 * w))
+        touch = (float(mask[:, :margin].any(axis=1).mean()), float(mask[:, -margin:].any(axis=1).mean()))
     lat = str(laterality).upper()
+    where = f"{path}: " if path else ""
     if method == "laterality" and lat in ("L", "R"):
         by_lat = lat == "R"
-        if by_image is not None and by_image != by_lat and ratio > 3.0:
+        tagged, other = (touch[1], touch[0]) if by_lat else (touch[0], touch[1])
+        by_border = tagged < 0.15 and other > 0.35
+        if by_image is not None and by_image != by_lat and (ratio > 3.0 or by_border):
+            side = "right" if by_lat else "left"
             warnings.warn(
-                f"laterality {lat} says the chest wall is on the {'right' if by_lat else 'left'}, but the image "
-                f"content says the opposite ({ratio:.1f}x more tissue there); following the laterality tag",
+                f"{where}laterality tag {lat} puts the chest wall on the {side}, but the image has its tissue on "
+                f"the other side ({ratio:.1f}x more tissue there; it touches the {side} border in "
+                f"{100 * tagged:.0f} % of rows, the other border in {100 * other:.0f} %); following the tag, "
+                "check the image's laterality",
                 stacklevel=2,
             )
         return by_lat
     if by_image is None:
-        warnings.warn("cannot decide the breast side from a flat image; leaving it as is", stacklevel=2)
+        warnings.warn(f"{where}cannot decide the breast side from a flat image; leaving it as is", stacklevel=2)
         return False
     return by_image
 
@@ -780,7 +824,7 @@ class OrientBreastd(MapTransform):
         d = dict(data)
         ref = d[self.ref_key]
         ref_meta = _meta_of(ref)
-        flip = chest_wall_on_right(ref, ref_meta.get("laterality", "U"), self.method)
+        flip = chest_wall_on_right(ref, ref_meta.get("laterality", "U"), self.method, path=_path_of(ref_meta) or None)
         for key in self.key_iterator(d):
             x = d[key]
             meta = _meta_of(x) or dict(ref_meta)
@@ -883,7 +927,7 @@ class ResampleToSpacingd(MapTransform):
             raise MammogramError(
                 _path_of(meta),
                 f"resampling from {cur[0]:.4g}x{cur[1]:.4g} mm to {self.spacing} mm pixels would scale the image by "
-                f"{zoom[0]:.3g}x; the pixel spacing looks wrong, set `spacing` (mm) in the config",
+                f"{zoom[0]:.3g}x; the pixel spacing looks wrong, give the right one with --pixel_spacing (mm)",
             )
         size = (max(1, round(shape[0] * cur[0] / self.spacing)), max(1, round(shape[1] * cur[1] / self.spacing)))
         return shape, size, meta
@@ -1079,6 +1123,30 @@ def compute_breast_mask(
     return mask, removed
 
 
+def large_scale_structure(image: np.ndarray | torch.Tensor, max_side: int = 512) -> float:
+    """Share of an image's variance that lies in large-scale structure (0: pure noise, 1: smooth).
+
+    The image is block-averaged to at most ``max_side`` pixels per side and smoothed by a Gaussian
+    of 1/64 of that side; the ratio of the smoothed image's variance to the variance before
+    smoothing is returned. A breast against its background, or dense tissue filling a spot view,
+    keeps most of its variance (phantoms: 0.5 to 0.85); uncorrelated noise keeps about
+    ``1 / (4 pi sigma^2)``, i.e. 0.001.
+
+    Args:
+        image: ``(H, W)`` or ``(1, H, W)`` image.
+        max_side: longer side of the working copy.
+    """
+    arr = _as_tensor(image).detach().cpu().float().numpy()
+    arr = arr.reshape(arr.shape[-2:])
+    small, _ = _downsample(arr, max_side)
+    small = small.astype(np.float64)
+    total = float(small.var())
+    if not np.isfinite(total) or total <= 0:
+        return 0.0
+    smooth = ndimage.gaussian_filter(small, sigma=max(small.shape) / 64.0, mode="nearest")
+    return float(smooth.var() / total)
+
+
 class BreastMaskd(MapTransform):
     """Compute the breast mask of ``data[image_key]`` into ``data[out_key]`` (``(1, H, W)`` uint8).
 
@@ -1094,6 +1162,8 @@ class BreastMaskd(MapTransform):
         min_area_fraction: smaller masks (fraction of the image) raise ``MammogramError("empty breast mask")``.
         opening_mm: radius of the morphological opening in mm.
         dtype: output dtype.
+        min_structure: images whose :func:`large_scale_structure` is below this raise
+            ``MammogramError("no breast found ...")``: noise has about 0.001, mammograms 0.3 and more.
     """
 
     def __init__(
@@ -1105,6 +1175,7 @@ class BreastMaskd(MapTransform):
         min_area_fraction: float = 0.01,
         opening_mm: float = 2.0,
         dtype: torch.dtype = torch.uint8,
+        min_structure: float = 0.02,
     ) -> None:
         super().__init__(image_key, allow_missing_keys=False)
         self.image_key = image_key
@@ -1114,6 +1185,7 @@ class BreastMaskd(MapTransform):
         self.min_area_fraction = float(min_area_fraction)
         self.opening_mm = float(opening_mm)
         self.dtype = dtype
+        self.min_structure = float(min_structure)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Add the breast mask."""
@@ -1126,9 +1198,20 @@ class BreastMaskd(MapTransform):
             raise MammogramError(path, "image contains NaN/inf")
         sp = meta.get("working_spacing") or min(_spacing_pair(meta.get("spacing")) or (0.07, 0.07))
         pect = self.exclude_pectoral and str(meta.get("view", "")).upper() in self.pectoral_views
-        mask, removed = compute_breast_mask(t[0], float(sp), exclude_pectoral=pect, opening_mm=self.opening_mm)
+        structure = large_scale_structure(t[0])
+        if structure < self.min_structure and float(t.max()) > float(t.min()):  # flat: "empty breast mask" below
+            raise MammogramError(
+                path, f"no breast found: the image has no large-scale structure ({100 * structure:.2f} % of its "
+                "variance; noise?); a mammogram is expected",
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mask, removed = compute_breast_mask(t[0], float(sp), exclude_pectoral=pect, opening_mm=self.opening_mm)
+        for w in caught:  # name the file in the mask's warnings
+            msg = str(w.message)
+            warnings.warn(msg if not path or msg.startswith(path) else f"{path}: {msg}", w.category, stacklevel=2)
         if mask.sum() < self.min_area_fraction * mask.size:
-            raise MammogramError(path, "empty breast mask")
+            raise MammogramError(path, "empty breast mask (no breast found)")
         meta["pectoral_removed"] = bool(removed)
         affine = img.affine if isinstance(img, MetaTensor) else None
         out = torch.from_numpy(mask[None].astype(np.uint8)).to(self.dtype)
