@@ -1,0 +1,201 @@
+"""The two-stage pipeline (inference layer): SegAI, then one refiner, on one image.
+
+:class:`MCPipeline` is the only place where SegAI and a refinement run: the batch runner
+(:class:`bundle.engine.MammogramInference`), the study (:class:`bundle.study.MCStudy`), the
+benchmark and tuning scripts and the MONAI Deploy operator all call it. It works on the
+working grid (after the preprocessing chain, before the geometry is restored) and returns
+named maps:
+
+- ``prob``: SegAI's probability, float32 in [0, 1];
+- ``mask``: ``prob >= threshold`` (the high-sensitivity map, the refinement's hole);
+- ``refined_prob``, ``refined_mask``, ``virtual_normal`` when a refiner is set (the refined
+  mask is ``refined_prob >= refined_threshold`` or, with ``false_alarm``, that control's mask),
+  plus whatever else the refiner returns (e.g. ``hole``);
+- ``extras``: per-image operating points (``hole_threshold_image``,
+  ``refined_threshold_image``) for the summary row.
+
+It imports only lower layers (networks are passed in, refiners are callables), never the
+evaluation layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["MCPipeline"]
+
+ArrayLike = Any
+
+
+def _np2d(x: ArrayLike | None, dtype: Any = np.float32) -> np.ndarray | None:
+    """``x`` as a 2-D numpy array (squeezing leading singleton axes), or None."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {a.shape}")
+    return a.astype(dtype, copy=False)
+
+
+class MCPipeline:
+    """SegAI (a tiled inferer over a network) followed by an optional refiner.
+
+    Args:
+        network: the SegAI network, already holding its weights.
+        inferer: callable ``inferer(x (1, 1, H, W), network, breast=(1, 1, H, W))`` returning
+            the probability map, e.g. :class:`bundle.inferers.BreastTileInferer`.
+        refiner: optional callable ``(image (H, W), segai_prob (H, W) | None, breast (H, W) |
+            None) -> dict`` with ``prob`` and optionally ``virtual_normal`` (see
+            :mod:`bundle.refine`); None gives SegAI's maps only.
+        threshold: threshold of SegAI's mask.
+        refined_threshold: threshold of the refined mask (when ``false_alarm`` is None).
+        hole_control: optional per-image operating point of the refinement's hole, applied to
+            SegAI's probability (e.g. :class:`bundle.falsealarm.FalseAlarmControl`): a callable
+            ``(prob (H, W), breast) -> {"mask", "threshold", ...}``; the refiner then sees
+            SegAI's map only inside the marks it keeps.
+        false_alarm: optional per-image operating point of the refined mask (same kind of
+            callable, applied to the refined probability); replaces ``refined_threshold``.
+        device: device of the network.
+        uses_segai: whether the refiner needs SegAI's map; None reads the refiner's ``needs``
+            attribute (default: it does).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module | None,
+        inferer: Callable[..., torch.Tensor] | None,
+        refiner: Callable[..., Mapping[str, Any]] | None = None,
+        threshold: float = 0.05,
+        refined_threshold: float = 0.6,
+        hole_control: Callable[..., Mapping[str, Any]] | None = None,
+        false_alarm: Callable[..., Mapping[str, Any]] | None = None,
+        device: str | torch.device = "cpu",
+        uses_segai: bool | None = None,
+    ) -> None:
+        self.network = network
+        self.inferer = inferer
+        self.refiner = refiner
+        self.threshold = float(threshold)
+        self.refined_threshold = float(refined_threshold)
+        self.hole_control = hole_control
+        self.false_alarm = false_alarm
+        self.device = torch.device(device)
+        self.uses_segai = uses_segai
+
+    # ------------------------------------------------------------------ stage 1
+    @torch.no_grad()
+    def segai(self, image: ArrayLike, breast: ArrayLike | None = None) -> np.ndarray:
+        """SegAI's probability map of one image.
+
+        Args:
+            image: ``(H, W)`` or ``(1, H, W)`` normalised image (numpy or torch).
+            breast: optional breast mask of the same shape.
+
+        Returns:
+            float32 ``(H, W)`` in [0, 1] (non-finite outputs become 0).
+        """
+        if self.network is None or self.inferer is None:
+            raise RuntimeError("MCPipeline.segai: no SegAI network/inferer was given")
+        img = _np2d(image)
+        x = torch.as_tensor(img)[None, None].to(self.device)
+        b = None if breast is None else torch.as_tensor(_np2d(breast) > 0, dtype=torch.float32)[None, None].to(self.device)
+        self.network.eval()
+        out = self.inferer(x, self.network, breast=b)
+        p = out[0, 0].detach().float().cpu().numpy()
+        return np.clip(np.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
+
+    # ------------------------------------------------------------------ stage 2
+    def refine(
+        self,
+        image: ArrayLike,
+        prob: ArrayLike | None,
+        breast: ArrayLike | None = None,
+        refiner: Callable[..., Mapping[str, Any]] | None = None,
+        threshold: float | None = None,
+    ) -> dict[str, Any]:
+        """Run the refiner on SegAI's map of one image.
+
+        Args:
+            image: ``(H, W)`` normalised image.
+            prob: SegAI's ``(H, W)`` probability (None for refiners that do not use it).
+            breast: optional breast mask.
+            refiner: a refiner to use instead of the pipeline's own (the study runs several
+                on one SegAI map).
+            threshold: refined-mask threshold instead of ``refined_threshold``.
+
+        Returns:
+            ``refined_prob`` (float32 in [0, 1]), ``refined_mask`` (bool), ``virtual_normal``
+            when the refiner gives one, the refiner's other outputs and ``extras``.
+        """
+        ref = refiner if refiner is not None else self.refiner
+        if ref is None:
+            raise RuntimeError("MCPipeline.refine: no refiner")
+        img = _np2d(image)
+        b = None if breast is None else _np2d(breast) > 0
+        seg = _np2d(prob)
+        extras: dict[str, Any] = {}
+        if seg is not None and self.hole_control is not None and refiner is None:
+            hc = self.hole_control(seg, b)
+            seg = seg * np.asarray(hc["mask"], dtype=seg.dtype)
+            extras["hole_threshold_image"] = round(float(hc["threshold"]), 6)
+        out = dict(ref(img, seg, b))
+        rp = np.clip(np.nan_to_num(_np2d(out.pop("prob"))), 0.0, 1.0).astype(np.float32)
+        if rp.shape != img.shape:
+            raise ValueError(f"refined map shape {rp.shape} differs from the image {img.shape}")
+        if self.false_alarm is not None and refiner is None and threshold is None:
+            fa = self.false_alarm(rp, b)
+            rm = np.asarray(fa["mask"], dtype=bool)
+            extras["refined_threshold_image"] = round(float(fa["threshold"]), 6)
+        else:
+            rm = rp >= (self.refined_threshold if threshold is None else float(threshold))
+        res: dict[str, Any] = {k: v for k, v in out.items() if k != "virtual_normal"}
+        res.update(refined_prob=rp, refined_mask=rm, extras=extras)
+        if out.get("virtual_normal") is not None:
+            res["virtual_normal"] = _np2d(out["virtual_normal"])
+        return res
+
+    def needs_segai(self, refiner: Any | None = None) -> bool:
+        """Whether ``refiner`` (default: the pipeline's) uses SegAI's map.
+
+        Args:
+            refiner: a refiner; its ``needs`` attribute (a tuple of ``"segai"`` /
+                ``"inpainter"``) is read when present.
+        """
+        ref = refiner if refiner is not None else self.refiner
+        if refiner is None and self.uses_segai is not None:
+            return self.uses_segai
+        needs = getattr(ref, "needs", None)
+        return True if needs is None else "segai" in needs
+
+    # ------------------------------------------------------------------ both
+    def __call__(self, image: ArrayLike, breast: ArrayLike | None = None) -> dict[str, Any]:
+        """Both stages on one image on the working grid.
+
+        Args:
+            image: ``(H, W)`` or ``(1, H, W)`` normalised image.
+            breast: optional breast mask.
+
+        Returns:
+            ``prob``, ``mask`` and, with a refiner, ``refined_prob``, ``refined_mask``,
+            ``virtual_normal`` (numpy ``(H, W)``), plus ``extras`` (per-image operating points).
+        """
+        img = _np2d(image)
+        b = None if breast is None else _np2d(breast) > 0
+        maps: dict[str, Any] = {"extras": {}}
+        if self.network is not None and (self.refiner is None or self.needs_segai()):
+            p = self.segai(img, b)
+            maps["prob"] = p
+            maps["mask"] = p >= self.threshold
+        if self.refiner is not None:
+            r = self.refine(img, maps.get("prob"), b)
+            maps["extras"].update(r.pop("extras"))
+            maps.update(r)
+        return maps
