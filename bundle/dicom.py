@@ -1,4 +1,10 @@
-"""DICOM objects derived from a source image: float maps as Secondary Capture, atomic writing.
+"""DICOM objects derived from a source image: SEGs, float maps as Secondary Capture, atomic writing.
+
+* :func:`make_seg` / :func:`make_fractional_seg`: the refined microcalcification mask as a BINARY
+  DICOM Segmentation and the refined probability as a FRACTIONAL (probability) one, each a
+  single frame on the source pixel grid, segment "Calcification of breast" with anatomic region
+  breast and the image's laterality (highdicom).
+* :func:`safe_name`: a file name made of safe characters from a UID (or any header string).
 
 A float map on the source grid (a probability map, the virtual normal image) becomes a 16-bit
 Secondary Capture image with a modality LUT (``value = stored * slope + intercept``), the source's
@@ -13,14 +19,28 @@ normal image of DICOM inputs) and by the MONAI Deploy application (``deploy.mcre
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["derived_uid", "header_only", "make_map_sc", "write_dataset_atomic", "PROB_SCALE"]
+__all__ = [
+    "derived_uid",
+    "header_only",
+    "make_map_sc",
+    "make_seg",
+    "make_fractional_seg",
+    "make_virtual_normal",
+    "safe_name",
+    "write_dataset_atomic",
+    "PROB_SCALE",
+    "FRACTIONAL_MAX",
+    "ALGORITHM_NAME",
+]
 
 # Probability p is stored as round(p * PROB_SCALE) with RescaleSlope 1 / PROB_SCALE (exact as a DS).
 PROB_SCALE = 50000
@@ -38,6 +58,12 @@ _TYPE2_FROM_SOURCE = (
     "ReferringPhysicianName",
 )
 _SERIES_NUMBERS = {"seg": 9101, "prob": 9102, "virtual_normal": 9103}
+# FRACTIONAL SEG: probability p is stored as round(p * FRACTIONAL_MAX) (8 bits), so it reads back
+# to within 0.5 / FRACTIONAL_MAX.
+FRACTIONAL_MAX = 255
+# The product: SegAI's map refined by the generative (virtual normal) step, "SegAI+R:GenAI".
+ALGORITHM_NAME = "mcref SegAI+R:GenAI"
+_SAFE_CHARS = re.compile(r"[^0-9A-Za-z._-]")
 
 
 def derived_uid(source_sop_uid: str, kind: str, version: str) -> str:
@@ -162,6 +188,152 @@ def make_map_sc(
     return sc
 
 
+def safe_name(value: Any, max_len: int = 64) -> str:
+    """A file or folder name made only of ``[0-9A-Za-z._-]`` from a header value (e.g. a UID).
+
+    A well-formed UID comes back unchanged. Anything else (other characters, a leading dot, ``.``,
+    ``..``, empty, longer than ``max_len``) is cleaned and gets a short hash of the original
+    value, so two different values never share a name and the name is never ``.``, ``..`` nor
+    hidden.
+
+    Args:
+        value: the header value (str() is applied; None counts as empty).
+        max_len: the longest name kept without a hash.
+    """
+    text = "" if value is None else str(value)
+    cleaned = _SAFE_CHARS.sub("_", text)[:max_len].lstrip(".")
+    if cleaned and cleaned == text:
+        return cleaned
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{cleaned or 'unnamed'}-{digest}"
+
+
+def _laterality(source: Any) -> str | None:
+    """``"L"``/``"R"`` from ImageLaterality (or series Laterality) of the source, else None."""
+    lat = str(source.get("ImageLaterality", "") or source.get("Laterality", "") or "").strip().upper()
+    return lat if lat in ("L", "R") else None
+
+
+def _segment_description(source: Any, label: str, version: str) -> Any:
+    """The one segment of the mcref SEGs: calcification of breast, anatomic region breast with
+    the image's laterality as its modifier, found automatically by :data:`ALGORITHM_NAME`."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    category = getattr(codes.SCT, "MorphologicallyAbnormalStructure", None) or codes.SCT.Tissue
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=label,
+        segmented_property_category=category,
+        segmented_property_type=codes.SCT.CalcificationOfBreast,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=ALGORITHM_NAME, version=str(version), family=codes.cid7162.ArtificialIntelligence
+        ),
+        anatomic_regions=[codes.SCT.Breast],
+    )
+    lat = _laterality(source)
+    if lat is not None:  # laterality as the anatomic region's modifier (CID 244)
+        modifier = hd.sr.CodedConcept.from_code(codes.SCT.Right if lat == "R" else codes.SCT.Left)
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
+    return description
+
+
+def _segmentation(
+    source: Any, frame: np.ndarray, kind: str, version: str, label: str, fractional: bool, manufacturer: str
+) -> Any:
+    import highdicom as hd
+
+    sop = str(source.SOPInstanceUID)
+    extra: dict[str, Any] = {}
+    if fractional:
+        extra = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+                 "max_fractional_value": FRACTIONAL_MAX}
+    seg = hd.seg.Segmentation(
+        source_images=[header_only(source)],
+        pixel_array=frame[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[_segment_description(source, label, version)],
+        series_instance_uid=derived_uid(sop, f"{kind}-series", version),
+        series_number=_SERIES_NUMBERS.get(kind, 9199),
+        sop_instance_uid=derived_uid(sop, kind, version),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=ALGORITHM_NAME,
+        software_versions=str(version),
+        device_serial_number="0",
+        content_description=f"{label} (research use only)",
+        content_label="MC_PROB" if fractional else "MC_SEG",
+        omit_empty_frames=False,
+        **extra,
+    )
+    lat = _laterality(source)
+    if lat is not None:
+        seg.Laterality = lat  # General Series: the breast (a paired structure) this SEG is of
+    seg.BodyPartExamined = str(source.get("BodyPartExamined", "") or "BREAST")
+    return seg
+
+
+def make_seg(source: Any, mask: np.ndarray, version: str, kind: str = "seg", manufacturer: str = "mcref") -> Any:
+    """The refined microcalcification mask as a BINARY DICOM Segmentation of one source mammogram.
+
+    One frame on the source pixel grid (``frame[r, c]`` belongs to ``pixel_array[r, c]``), segment
+    "Microcalcification" (SCT 309587003 "Calcification of breast"), anatomic region breast (SCT
+    76752008) with the image's laterality as modifier, General Series Laterality, algorithm
+    :data:`ALGORITHM_NAME`, referencing the source image. Patient and study identifiers are the
+    source's; series and instance UIDs are derived (:func:`derived_uid`).
+
+    Args:
+        source: the source image (pydicom Dataset; pixel data not needed).
+        mask: (H, W) array, nonzero = microcalcification, on the source grid.
+        version: bundle version (algorithm version, software version, UIDs).
+        kind: object kind for UIDs and the series number.
+        manufacturer: Manufacturer of the new object.
+
+    Returns:
+        The highdicom ``Segmentation`` (a pydicom Dataset).
+
+    Raises:
+        ValueError: when ``mask`` is not on the source grid.
+    """
+    mask = np.asarray(mask)
+    rows, cols = int(source.Rows), int(source.Columns)
+    if mask.shape != (rows, cols):
+        raise ValueError(f"mask shape {mask.shape} does not match the source image ({rows}, {cols})")
+    seg = _segmentation(source, (mask > 0).astype(np.uint8), kind, version, "Microcalcification", False, manufacturer)
+    seg.SeriesDescription = "mcref microcalcification SEG (refined; research)"
+    return seg
+
+
+def make_fractional_seg(
+    source: Any, prob: np.ndarray, version: str, kind: str = "prob", manufacturer: str = "mcref"
+) -> Any:
+    """The refined microcalcification probability as a FRACTIONAL (PROBABILITY) DICOM Segmentation.
+
+    Same segment, geometry and identifiers as :func:`make_seg`; values in [0, 1] (NaN as 0) are
+    stored as ``round(p * FRACTIONAL_MAX)``, so a viewer overlays them and a reader gets ``p``
+    back to within ``0.5 / FRACTIONAL_MAX``.
+
+    Args:
+        source: the source image (pydicom Dataset; pixel data not needed).
+        prob: (H, W) float map on the source grid.
+        version: bundle version.
+        kind: object kind for UIDs and the series number.
+        manufacturer: Manufacturer of the new object.
+
+    Raises:
+        ValueError: when ``prob`` is not on the source grid.
+    """
+    prob = np.asarray(prob, dtype=np.float64)
+    rows, cols = int(source.Rows), int(source.Columns)
+    if prob.shape != (rows, cols):
+        raise ValueError(f"probability shape {prob.shape} does not match the source image ({rows}, {cols})")
+    p = np.clip(np.nan_to_num(prob, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
+    seg = _segmentation(source, p, kind, version, "Microcalcification probability", True, manufacturer)
+    seg.SeriesDescription = "mcref microcalcification probability (refined; research)"
+    return seg
+
+
 def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -187,3 +359,23 @@ def write_dataset_atomic(ds: Any, path: str | os.PathLike) -> Path:
     p = Path(path)
     _atomic(p, lambda tmp: dcmwrite(tmp, ds, enforce_file_format=True))
     return p
+
+
+VIRTUAL_NORMAL_DESCRIPTION = "mcref virtual normal image (research; normalised units)"
+
+
+def make_virtual_normal(source: Any, values: np.ndarray, version: str, value_range: tuple[float, float]) -> Any:
+    """The virtual normal image (the inpainter's calcification-free rendering) as a derived image.
+
+    A :func:`make_map_sc` Secondary Capture (``ImageType`` DERIVED\\SECONDARY) on the source grid
+    with the source's patient and study identifiers, pixel spacing, laterality and view, and a
+    reference to the source; values in the bundle's normalised units, clipped to ``value_range``.
+
+    Args:
+        source: the source image (pydicom Dataset).
+        values: (H, W) virtual normal on the source grid.
+        version: bundle version (UIDs).
+        value_range: (lo, hi) of the stored values, e.g. the runner's ``virtual_normal_range``.
+    """
+    return make_map_sc(source, values, "virtual_normal", version, value_range=tuple(value_range),
+                       description=VIRTUAL_NORMAL_DESCRIPTION)

@@ -1,13 +1,18 @@
 """The MONAI Deploy application (deploy/mcref_app) and the bundle export (scripts/export_bundle.py).
 
-One module-scoped run exports a randomly initialised SegAI to a bundle archive, runs the app on a
-folder holding two good mammograms (one right MLO MONOCHROME1) and one of each kind of bad input,
-and runs the bundle's own inference on the good ones; the tests then compare.
+One module-scoped run exports the bundle (the shipped SegAI and inpainter weights) to an archive,
+runs the app on a folder holding two good mammograms (one right MLO MONOCHROME1), one mammogram
+whose SeriesInstanceUID and SOPInstanceUID are ``..``, one bad DICOM of each kind, an empty file
+and a text file, and runs the bundle's own inference (``python -m monai.bundle run``) on the good
+ones; the tests then compare the app's DICOM objects with the bundle's files. Fast tests of the
+output names, the result writer and the bundle archive need no SDK.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -19,8 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (512, 416)
-
-pytest.importorskip("monai.deploy.core", reason="monai-deploy-app-sdk is not installed (pip install -e '.[deploy]')")
+SAFE = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]*$")
 
 
 def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -28,17 +32,6 @@ def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
-
-
-def random_checkpoint(path: Path, seed: int = 7) -> Path:
-    """A randomly initialised SegAI state dict (the trained weights come later)."""
-    import torch
-
-    from bundle.networks import SegAINet
-
-    torch.manual_seed(seed)
-    torch.save(SegAINet().state_dict(), path)
-    return path
 
 
 def write_good(folder: Path, name: str, laterality: str, view: str, photometric: str, seed: int, patient: str) -> Path:
@@ -51,22 +44,29 @@ def write_good(folder: Path, name: str, laterality: str, view: str, photometric:
     return path
 
 
+def write_variant(template: Path, path: Path, kind: str, edit=None, uids: tuple[str, str] | None = None) -> pydicom.Dataset:
+    """A copy of ``template`` in a study and series of its own (or with the given series/SOP UIDs)."""
+    import warnings
+
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(template)
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["study", kind])
+    series, sop = uids or (generate_uid(entropy_srcs=["series", kind]), generate_uid(entropy_srcs=["sop", kind]))
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.PatientID = f"T-{kind}"
+    if edit is not None:
+        edit(ds)
+    with warnings.catch_warnings():  # invalid UIDs are the point of some variants
+        warnings.simplefilter("ignore")
+        ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
 def write_bad_inputs(folder: Path, template: Path) -> dict[str, str]:
     """One bad input per kind, each in a series (and study) of its own; returns kind -> SeriesInstanceUID."""
     from pydicom.encaps import encapsulate
-    from pydicom.uid import generate_uid
-
-    out = {}
-
-    def variant(kind: str, edit) -> None:
-        ds = pydicom.dcmread(template)
-        ds.StudyInstanceUID = generate_uid(entropy_srcs=["study", kind])
-        ds.SeriesInstanceUID = generate_uid(entropy_srcs=["series", kind])
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["sop", kind])
-        ds.PatientID = f"BAD-{kind}"
-        edit(ds)
-        ds.save_as(folder / f"bad_{kind}.dcm", enforce_file_format=True)
-        out[kind] = str(ds.SeriesInstanceUID)
 
     def not_mg(ds):
         ds.Modality = "CT"
@@ -90,40 +90,176 @@ def write_bad_inputs(folder: Path, template: Path) -> dict[str, str]:
         ds.PixelData = encapsulate([b"\x00" * 64])
         ds["PixelData"].VR = "OB"
 
+    out = {}
     for kind, edit in [("not_mg", not_mg), ("multi_frame", multi_frame), ("rgb", rgb),
                        ("no_spacing", no_spacing), ("bad_syntax", bad_syntax)]:
-        variant(kind, edit)
+        out[kind] = str(write_variant(template, folder / f"bad_{kind}.dcm", kind, edit).SeriesInstanceUID)
     return out
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("deploy")
-    ckpt = random_checkpoint(tmp / "random.pt")
-    archive = tmp / "mcref_bundle.zip"
-    run([sys.executable, "scripts/export_bundle.py", "--ckpt", f"network_def={ckpt}", "--output", str(archive)])
-    good = tmp / "good"
-    good.mkdir()
-    right = write_good(good, "right_mlo.dcm", "R", "MLO", "MONOCHROME1", seed=11, patient="P1")
-    left = write_good(good, "left_cc.dcm", "L", "CC", "MONOCHROME2", seed=11, patient="P1")
-    inp = tmp / "in"
-    inp.mkdir()
-    for f in (right, left):
-        (inp / f.name).write_bytes(f.read_bytes())
-    bad = write_bad_inputs(inp, left)
-    out = tmp / "out"
-    app = run([sys.executable, "-m", "deploy.mcref_app", "-i", str(inp), "-o", str(out), "--bundle", str(archive),
-               "-w", str(tmp / "work")])
-    ref = tmp / "ref"
-    run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-         "--dataset_dir", str(good), "--output_dir", str(ref), "--ckpt_path", str(ckpt), "--refiner", "$None"])
-    return {"archive": archive, "in": inp, "out": out, "ref": ref, "good": [right, left], "bad": bad, "app": app}
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
 
 
 def read_nii(path: Path) -> np.ndarray:
     import nibabel as nib
 
     return np.squeeze(np.asarray(nib.load(str(path)).dataobj))
+
+
+# ------------------------------------------------------------------ fast: no SDK needed
+def test_safe_name_never_leaves_the_folder():
+    from bundle.dicom import safe_name
+
+    assert safe_name("1.2.840.10008.5.1.4.1.1.1.2") == "1.2.840.10008.5.1.4.1.1.1.2"  # a UID stays as is
+    bad = ["..", ".", "", "../../etc", "/abs/path", "a/b", "a\\b", ".hidden", "x" * 300, "é", "a b"]
+    names = [safe_name(v) for v in bad]
+    for v, n in zip(bad, names):
+        assert SAFE.match(n) and n not in (".", "..") and "/" not in n, (v, n)
+        assert len(n) <= 64 + 13, (v, n)
+    assert len(set(names)) == len(names), "different values must not share a name"
+    assert safe_name("a_b") != safe_name("a/b") and safe_name(None) == safe_name("")
+
+
+def _case_for(ds_path: Path):
+    from deploy.mcref_app.cases import STATUS_OK, MGCase
+
+    ds = pydicom.dcmread(ds_path)
+    rng = np.random.default_rng(0)
+    prob = rng.random((ds.Rows, ds.Columns)).astype(np.float32)
+    case = MGCase(study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID), sop_uid=str(ds.SOPInstanceUID),
+                  modality="MG", source_path=str(ds_path), dataset=ds, status=STATUS_OK,
+                  mask=(prob > 0.99).astype(np.uint8), prob=prob, virtual_normal=prob * 0.5)
+    case.mask_pixels = int(case.mask.sum())
+    return case
+
+
+def test_writer_keeps_every_output_inside_the_output_folder(tmp_path):
+    """SeriesInstanceUID / SOPInstanceUID ``..`` and path-like UIDs, and a series folder that is a
+    link out of OUT: nothing is written outside OUT, every name is of safe characters."""
+    pytest.importorskip("highdicom")
+    from bundle.phantom import make_phantom, write_mg_dicom
+    from deploy.mcref_app.writer import ResultWriter
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ph = make_phantom(shape=(128, 96), view="CC", laterality="L", seed=3)
+    template = src / "t.dcm"
+    write_mg_dicom(template, ph["image"].astype(np.uint16), spacing=0.07, laterality="L", view="CC", seed=3,
+                   patient_id="PS")
+    dotdot = write_variant(template, src / "dotdot.dcm", "dotdot", uids=("..", ".."))
+    pathy = write_variant(template, src / "pathy.dcm", "pathy", uids=("../../escape", "/tmp/abs"))
+    linked = write_variant(template, src / "linked.dcm", "linked")
+    run_dir = tmp_path / "run"
+    out = run_dir / "out"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out.mkdir(parents=True)
+    (out / str(linked.SeriesInstanceUID)).symlink_to(outside, target_is_directory=True)
+
+    cases = [_case_for(src / "dotdot.dcm"), _case_for(src / "pathy.dcm"), _case_for(src / "linked.dcm")]
+    summary = ResultWriter(out, version="test").write_all(
+        cases, unread=[{"source": str(src / "junk.txt"), "reason": "not a DICOM file"}])
+
+    assert not any(outside.iterdir()), "written through a link out of the output folder"
+    assert {p for p in files_under(tmp_path) if out not in p.parents} == files_under(src)
+    for p in files_under(out):
+        for part in p.relative_to(out).parts:
+            assert SAFE.match(part) and part not in (".", ".."), p
+    assert summary["counts"] == {"ok": 2, "skipped": 1, "failed": 1, "files": 4}
+    by_sop = {i["sop_instance_uid"]: i for s in summary["series"] for i in s["instances"]}
+    assert set(by_sop[str(dotdot.SOPInstanceUID)]["outputs"]) == {"seg", "prob", "virtual_normal"}
+    assert set(by_sop[str(pathy.SOPInstanceUID)]["outputs"]) == {"seg", "prob", "virtual_normal"}
+    assert "outside the output folder" in by_sop[str(linked.SOPInstanceUID)]["reason"]
+    for rec in by_sop.values():
+        for f in rec["outputs"].values():
+            assert out in Path(f).parents and Path(f).is_file()
+    # the objects are readable and reference their source
+    seg = pydicom.dcmread(by_sop[".."]["outputs"]["seg"])
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == ".."
+
+
+def test_pipeline_without_refinement_is_refused():
+    from deploy.mcref_app.pipeline import PipelineOutputError, result_arrays
+
+    with pytest.raises(PipelineOutputError, match="refine"):
+        result_arrays({"prob": np.zeros((1, 4, 4)), "mask": np.zeros((1, 4, 4))}, (4, 4))
+    d = {"refined_mask": np.full((1, 4, 4), 0.7), "refined_prob": np.full((1, 4, 4), 1.5), "mask": np.ones((1, 4, 4))}
+    arr = result_arrays(d, (4, 4))
+    assert arr["refined_mask"].dtype == np.uint8 and arr["refined_mask"].all() and float(arr["refined_prob"].max()) == 1.0
+    with pytest.raises(PipelineOutputError, match="source grid"):
+        result_arrays(d, (5, 4))
+
+
+def test_unsafe_bundle_archive_is_refused(tmp_path):
+    from deploy.mcref_app.bundle_io import BundleError, resolve_bundle
+
+    bad = tmp_path / "evil.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("../evil.txt", "x")
+        zf.writestr("b/configs/metadata.json", "{}")
+    with pytest.raises(BundleError, match="unsafe path"):
+        resolve_bundle(bad, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "evil.txt").exists()
+    with pytest.raises(BundleError, match="not a MONAI bundle"):
+        resolve_bundle(tmp_path, cache_dir=tmp_path / "cache")
+
+
+def test_overrides_parse_and_protect_the_app_ids():
+    from deploy.mcref_app.bundle_io import BundleError, parse_override
+
+    assert parse_override("refined_threshold=0.7") == ("refined_threshold", 0.7)
+    assert parse_override("device=cpu") == ("device", "cpu")
+    assert parse_override("genai_kwargs#crop_sizes=[24, 32]") == ("genai_kwargs#crop_sizes", [24, 32])
+    for bad in ("novalue", "=1", "bundle_root=/x", "output_dir=/tmp"):
+        with pytest.raises(BundleError):
+            parse_override(bad)
+
+
+def test_derived_uids_are_deterministic():
+    from bundle.dicom import derived_uid
+
+    a = derived_uid("1.2.3", "seg", "0.1.0")
+    assert a == derived_uid("1.2.3", "seg", "0.1.0")
+    assert a != derived_uid("1.2.3", "prob", "0.1.0") and a != derived_uid("1.2.3", "seg", "0.2.0")
+
+
+# ------------------------------------------------------------------ the app, run once
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory) -> dict:
+    pytest.importorskip("monai.deploy.core", reason="monai-deploy-app-sdk is not installed (pip install -e '.[deploy]')")
+    tmp = tmp_path_factory.mktemp("deploy")
+    archive = tmp / "mcref_bundle.zip"
+    run([sys.executable, "scripts/export_bundle.py", "--output", str(archive)])
+    good = tmp / "good"
+    good.mkdir()
+    right = write_good(good, "right_mlo.dcm", "R", "MLO", "MONOCHROME1", seed=11, patient="P1")
+    left = write_good(good, "left_cc.dcm", "L", "CC", "MONOCHROME2", seed=11, patient="P1")
+    run_dir = tmp_path_factory.mktemp("app_run")
+    inp = run_dir / "in"
+    (inp / "nested").mkdir(parents=True)
+    (inp / right.name).write_bytes(right.read_bytes())
+    (inp / "nested" / left.name).write_bytes(left.read_bytes())
+    bad = write_bad_inputs(inp, left)
+    write_variant(right, inp / "dotdot.dcm", "dotdot", uids=("..", ".."))
+    (inp / "empty.dcm").write_bytes(b"")
+    (inp / "notes.txt").write_text("not an image\n")
+    before = {p: p.read_bytes() for p in files_under(inp)}
+    out = run_dir / "out"
+    app = run([sys.executable, "-m", "deploy.mcref_app", "-i", str(inp), "-o", str(out), "--bundle", str(archive),
+               "-w", str(run_dir / "work")])
+    ref = tmp / "ref"
+    run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--dataset_dir", str(good), "--output_dir", str(ref)])
+    summary = json.loads((out / "summary.json").read_text())
+    return {"archive": archive, "in": inp, "out": out, "run_dir": run_dir, "ref": ref, "good": [right, left],
+            "bad": bad, "app": app, "before": before, "summary": summary}
+
+
+def _instance(summary: dict, sop: str) -> dict:
+    found = [i for s in summary["series"] for i in s["instances"] if i["sop_instance_uid"] == sop]
+    assert len(found) == 1, sop
+    return found[0]
 
 
 @pytest.mark.slow
@@ -133,7 +269,8 @@ def test_archive_holds_the_deployable_bundle_only(deployed):
     assert all(n.startswith("mcref/") for n in names)
     rel = {n[len("mcref/"):] for n in names}
     for need in ("configs/inference.json", "configs/metadata.json", "models/model.ts", "models/model.pt",
-                 "bundle/__init__.py", "bundle/data.py", "LICENSE", "models/export.json"):
+                 "models/inpainter.pt", "bundle/__init__.py", "bundle/data.py", "bundle/dicom.py", "LICENSE",
+                 "models/export.json"):
         assert need in rel, need
     assert not any(p.startswith(("tests/", "eval/", "work_data/", "deploy/")) or "__pycache__" in p or p.endswith(".pyc")
                    for p in rel)
@@ -159,47 +296,90 @@ def test_archive_holds_the_deployable_bundle_only(deployed):
 
 
 @pytest.mark.slow
-def test_seg_frames_equal_the_bundles_own_mask(deployed):
+def test_seg_equals_the_bundles_refined_mask(deployed):
+    """The product: the SEG holds the bundle's ``<stem>_refined_mask.nii.gz``, not SegAI's mask."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
+    differs_from_segai = 0
     for src in deployed["good"]:
         ds = pydicom.dcmread(src)
-        folder = deployed["out"] / ds.SeriesInstanceUID
-        seg = hd.seg.segread(folder / f"{ds.SOPInstanceUID}_seg.dcm")
+        rec = _instance(deployed["summary"], ds.SOPInstanceUID)
+        seg = hd.seg.segread(rec["outputs"]["seg"])
+        assert Path(rec["outputs"]["seg"]).parent.parent == deployed["out"]
         assert seg.SegmentationType == "BINARY" and int(seg.NumberOfFrames) == 1
         frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
-        ref = read_nii(deployed["ref"] / src.stem / f"{src.stem}_mask.nii.gz")
-        assert frame.shape == ds.pixel_array.shape == ref.shape
-        assert np.array_equal(frame.astype(np.uint8), ref.astype(np.uint8)), f"{src.name}: SEG differs from the bundle's mask"
+        refined = read_nii(deployed["ref"] / src.stem / f"{src.stem}_refined_mask.nii.gz")
+        segai = read_nii(deployed["ref"] / src.stem / f"{src.stem}_mask.nii.gz")
+        assert frame.shape == ds.pixel_array.shape == refined.shape
+        assert np.array_equal(frame.astype(np.uint8), refined.astype(np.uint8)), f"{src.name}: SEG differs from the refined mask"
+        assert rec["mask_pixels"] == int(refined.sum()) and rec["segai_mask_pixels"] == int(segai.sum())
+        differs_from_segai += int(not np.array_equal(refined > 0, segai > 0))
         item = seg.SegmentSequence[0]
         prop = item.SegmentedPropertyTypeCodeSequence[0]
         assert (prop.CodeValue, prop.CodingSchemeDesignator) == (codes.SCT.CalcificationOfBreast.value, "SCT")
+        region = item.AnatomicRegionSequence[0]
+        assert region.CodeValue == codes.SCT.Breast.value
+        side = codes.SCT.Right if ds.ImageLaterality == "R" else codes.SCT.Left
+        assert region.AnatomicRegionModifierSequence[0].CodeValue == side.value
+        assert seg.Laterality == ds.ImageLaterality
+        assert item.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "mcref SegAI+R:GenAI"
         assert seg.StudyInstanceUID == ds.StudyInstanceUID and seg.PatientID == ds.PatientID
         refd = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
         assert refd.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert differs_from_segai >= 1, "test images where the refinement changes nothing cannot tell the masks apart"
+    assert sum(_instance(deployed["summary"], pydicom.dcmread(s).SOPInstanceUID)["mask_pixels"] for s in deployed["good"]) > 0
 
 
 @pytest.mark.slow
-def test_probability_map_object_has_the_source_geometry(deployed):
+def test_fractional_seg_holds_the_refined_probability(deployed):
+    import highdicom as hd
+
+    from bundle.dicom import FRACTIONAL_MAX
+
+    for src in deployed["good"]:
+        ds = pydicom.dcmread(src)
+        rec = _instance(deployed["summary"], ds.SOPInstanceUID)
+        seg = hd.seg.segread(rec["outputs"]["prob"])
+        assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+        assert int(seg.MaximumFractionalValue) == FRACTIONAL_MAX
+        seg_bin = pydicom.dcmread(rec["outputs"]["seg"], stop_before_pixels=True)
+        assert seg.SeriesInstanceUID != seg_bin.SeriesInstanceUID and seg.Laterality == ds.ImageLaterality
+        frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
+        ref = read_nii(deployed["ref"] / src.stem / f"{src.stem}_refined_prob.nii.gz")
+        assert frame.shape == ref.shape
+        assert float(ref.max()) > 0.5, "a probability map without any mark tests little"
+        assert np.abs(frame.astype(np.float64) - ref).max() <= 0.5 / FRACTIONAL_MAX + 1e-6
+
+
+@pytest.mark.slow
+def test_virtual_normal_is_a_derived_image_of_the_source(deployed):
     from pydicom.pixels import apply_modality_lut
 
     for src in deployed["good"]:
         ds = pydicom.dcmread(src)
-        sc = pydicom.dcmread(deployed["out"] / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}_prob.dcm")
-        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-        assert (sc.Rows, sc.Columns) == (ds.Rows, ds.Columns)
-        assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in ds.ImagerPixelSpacing]
-        assert sc.ReferencedImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
-        assert sc.StudyInstanceUID == ds.StudyInstanceUID
-        prob = apply_modality_lut(sc.pixel_array, sc)
-        ref = read_nii(deployed["ref"] / src.stem / f"{src.stem}_prob.nii.gz")
-        assert np.abs(prob - ref).max() <= 1.0e-5 + 1e-7
+        rec = _instance(deployed["summary"], ds.SOPInstanceUID)
+        vn = pydicom.dcmread(rec["outputs"]["virtual_normal"])
+        assert vn.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and list(vn.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        for kw in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
+            assert vn.get(kw) == ds.get(kw), kw
+        assert vn.Laterality == ds.ImageLaterality and (vn.Rows, vn.Columns) == (ds.Rows, ds.Columns)
+        assert vn.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+        assert vn.SeriesInstanceUID != ds.SeriesInstanceUID
+        # the very object the bundle writes for a DICOM input
+        ref_dcm = pydicom.dcmread(deployed["ref"] / src.stem / f"{src.stem}_virtual_normal.dcm")
+        assert vn.SOPInstanceUID == ref_dcm.SOPInstanceUID
+        assert np.array_equal(vn.pixel_array, ref_dcm.pixel_array)
+        ref = read_nii(deployed["ref"] / src.stem / f"{src.stem}_virtual_normal.nii.gz")
+        lo = float(vn.RescaleIntercept)
+        hi = lo + float(vn.RescaleSlope) * 50000
+        got = apply_modality_lut(vn.pixel_array, vn)
+        assert np.abs(got - np.clip(ref, lo, hi)).max() <= float(vn.RescaleSlope)
 
 
 @pytest.mark.slow
-def test_bad_inputs_are_skipped_with_a_reason_and_no_output(deployed):
-    out = deployed["out"]
+def test_every_input_file_is_accounted_for(deployed):
+    out, summary = deployed["out"], deployed["summary"]
     expect = {
         "not_mg": "not a mammogram",
         "multi_frame": "multi-frame",
@@ -207,13 +387,19 @@ def test_bad_inputs_are_skipped_with_a_reason_and_no_output(deployed):
         "no_spacing": "missing pixel spacing",
         "bad_syntax": "transfer syntax",
     }
+    from bundle.dicom import safe_name
+
     for kind, suid in deployed["bad"].items():
-        status = json.loads((out / suid / "status.json").read_text())
+        status = json.loads((out / safe_name(suid) / "status.json").read_text())
         assert status["status"] == "skipped", (kind, status)
         assert expect[kind] in status["reason"], (kind, status["reason"])
-        assert not list((out / suid).glob("*.dcm")), f"{kind}: partial output written"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"ok": 2, "skipped": 5, "failed": 0}
+        assert not list((out / safe_name(suid)).glob("*.dcm")), f"{kind}: partial output written"
+    inputs = {str(p) for p in files_under(deployed["in"])}
+    sources = [i["source"] for s in summary["series"] for i in s["instances"]] + [f["source"] for f in summary["files_not_loaded"]]
+    assert sorted(sources) == sorted(inputs), "every input file appears exactly once in summary.json"
+    not_loaded = {Path(f["source"]).name: f["reason"] for f in summary["files_not_loaded"]}
+    assert "empty" in not_loaded["empty.dcm"] and "not a DICOM file" in not_loaded["notes.txt"]
+    assert summary["counts"] == {"ok": 3, "skipped": 7, "failed": 0, "files": len(inputs)}
     studies = {s["study_instance_uid"]: s for s in summary["studies"]}
     bad_study = pydicom.dcmread(deployed["in"] / "bad_not_mg.dcm").StudyInstanceUID
     assert studies[bad_study]["status"] == "skipped" and "without a usable breast" in studies[bad_study]["reason"]
@@ -221,26 +407,22 @@ def test_bad_inputs_are_skipped_with_a_reason_and_no_output(deployed):
     assert studies[good_study]["status"] == "ok"
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert not leftovers, leftovers
-    assert '"failed": 0' in deployed["app"].stdout
+    assert json.loads(deployed["app"].stdout.strip().splitlines()[-1]) == {"counts": summary["counts"]}
 
 
-def test_unsafe_bundle_archive_is_refused(tmp_path):
-    from deploy.mcref_app.bundle_io import BundleError, resolve_bundle
-
-    bad = tmp_path / "evil.zip"
-    with zipfile.ZipFile(bad, "w") as zf:
-        zf.writestr("../evil.txt", "x")
-        zf.writestr("b/configs/metadata.json", "{}")
-    with pytest.raises(BundleError, match="unsafe path"):
-        resolve_bundle(bad, cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "evil.txt").exists()
-    with pytest.raises(BundleError, match="not a MONAI bundle"):
-        resolve_bundle(tmp_path, cache_dir=tmp_path / "cache")
-
-
-def test_derived_uids_are_deterministic():
-    from deploy.mcref_app.dicom_out import derived_uid
-
-    a = derived_uid("1.2.3", "seg", "0.1.0")
-    assert a == derived_uid("1.2.3", "seg", "0.1.0")
-    assert a != derived_uid("1.2.3", "prob", "0.1.0") and a != derived_uid("1.2.3", "seg", "0.2.0")
+@pytest.mark.slow
+def test_nothing_is_written_outside_the_output_folder(deployed):
+    """A DICOM whose SeriesInstanceUID and SOPInstanceUID are ``..`` is processed, and its objects
+    land in OUT under names of safe characters; the inputs are unchanged."""
+    run_dir, out, inp = deployed["run_dir"], deployed["out"], deployed["in"]
+    work = run_dir / "work"  # -w: the app's work folder (the unpacked bundle archive)
+    outside = {p for p in files_under(run_dir) if not {out, inp, work} & set(p.parents)}
+    assert not outside, f"written outside the output folder: {sorted(outside)}"
+    assert {p: p.read_bytes() for p in files_under(inp)} == deployed["before"], "an input file changed"
+    for p in files_under(out):
+        for part in p.relative_to(out).parts:
+            assert SAFE.match(part) and part not in (".", ".."), p
+    rec = _instance(deployed["summary"], "..")
+    assert rec["status"] == "ok" and set(rec["outputs"]) == {"seg", "prob", "virtual_normal"}
+    for f in rec["outputs"].values():
+        assert out in Path(f).parents and Path(f).parent != out and os.path.isfile(f)

@@ -1,8 +1,10 @@
-"""Finding the MONAI bundle the application runs: a bundle folder or a bundle archive (zip).
+"""Finding the MONAI bundle the application runs, and building its pipeline.
 
 A zip archive (as made by ``scripts/export_bundle.py``) is unpacked once into a cache folder
 keyed by its SHA-256 (safe extraction: no absolute paths, no ``..``, no links); the bundle root
 is the folder holding ``configs/metadata.json`` and ``configs/inference.json``.
+:func:`bundle_runner` parses the bundle's configs (with overrides) and returns its ``runner``
+object, the one pipeline of the project that ``python -m monai.bundle run`` also runs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["BundleError", "resolve_bundle", "default_bundle_path", "find_bundle_in", "bundle_parser", "bundle_loader", "bundle_version"]
+__all__ = [
+    "BundleError",
+    "resolve_bundle",
+    "default_bundle_path",
+    "find_bundle_in",
+    "bundle_parser",
+    "parse_override",
+    "bundle_runner",
+    "APP_SET_IDS",
+]
 
 logger = logging.getLogger("mcref.deploy")
 
@@ -173,38 +184,80 @@ def bundle_parser(root: Path, config_names: Sequence[str] = ("inference",)) -> A
     return parser
 
 
-def bundle_version(root: Path) -> str:
-    """The bundle's version from ``configs/metadata.json`` ("0" when unknown).
+# Config ids the application sets itself: the bundle root, and folders the runner is built with
+# but that ``predict`` never writes to (the app writes its own outputs).
+APP_SET_IDS = ("bundle_root", "dataset_dir", "output_dir", "demo_dir")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--override``: VALUE as JSON when it parses (numbers, true/false/null,
+    lists), else the plain string; KEY may be nested (``genai_kwargs#device``).
 
     Args:
-        root: bundle root folder.
+        text: the ``KEY=VALUE`` text.
+
+    Raises:
+        BundleError: without ``=``, with an empty key, or for a key the app sets itself.
     """
     import json
 
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise BundleError(f"--override {text!r}: expected KEY=VALUE")
+    if key in APP_SET_IDS:
+        raise BundleError(f"--override {key}: set by the application (use --bundle for the bundle)")
     try:
-        return str(json.loads((root / "configs" / "metadata.json").read_text()).get("version", "0"))
-    except (OSError, ValueError):
-        return "0"
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
 
 
-def bundle_loader(parser: Any, preproc_id: str = "preprocessing") -> Callable[[str], Any]:
-    """The bundle's own file loader (the first ``Load*`` transform of its preprocessing).
+def bundle_runner(
+    root: Path,
+    config_names: Sequence[str] = ("inference",),
+    overrides: Mapping[str, Any] | None = None,
+    scratch: str | os.PathLike | None = None,
+) -> Any:
+    """The bundle's inference runner (config id ``runner``), built as ``monai.bundle run`` would.
 
-    The application reads each mammogram with exactly the loader (and its settings, e.g. a pixel
-    spacing override) that ``configs/inference.json`` uses, so the image handed to the bundle
-    operator equals what the bundle's own runner sees.
+    The configs are merged in order, ``bundle_root`` is the bundle folder (so the checkpoints
+    resolve there), ``dataset_dir``/``output_dir``/``demo_dir`` point at ``scratch`` (the app
+    calls ``runner.predict(path)`` per image, which writes nothing), then ``overrides`` apply and
+    the config's ``initialize`` expressions run (e.g. the seed), as in a bundle run.
 
     Args:
-        parser: the bundle's ConfigParser (see :func:`bundle_parser`).
-        preproc_id: config id of the preprocessing Compose.
+        root: bundle root folder.
+        config_names: config files (without extension) merged in order.
+        overrides: config id -> value, e.g. ``{"refined_threshold": 0.7, "device": "cpu"}``.
+        scratch: a folder path for the runner's unused folders (default: the temp folder).
 
     Returns:
-        A callable ``path -> MetaTensor (1, H, W)``.
+        The runner, with ``predict(path)``, ``version`` and ``virtual_normal_range``.
+
+    Raises:
+        BundleError: when the configs have no ``runner``, the refinement is switched off, or the
+            runner cannot be built (e.g. a missing checkpoint); the message names the bundle.
     """
-    pre = parser.get_parsed_content(preproc_id)
-    transforms = getattr(pre, "transforms", pre if isinstance(pre, (list, tuple)) else [pre])
-    for t in transforms:
-        if type(t).__name__.startswith("Load") and hasattr(t, "keys"):
-            key = t.keys[0]
-            return lambda path, _t=t, _k=key: _t({_k: str(path)})[_k]
-    raise BundleError(f"the bundle's {preproc_id!r} has no Load* transform to read files with")
+    parser = bundle_parser(root, config_names)
+    scratch_dir = str(Path(scratch) if scratch else Path(tempfile.gettempdir()) / "mcref_app_scratch")
+    parser["dataset_dir"] = scratch_dir
+    parser["output_dir"] = scratch_dir
+    parser["demo_dir"] = scratch_dir
+    for key, value in (overrides or {}).items():
+        if key in APP_SET_IDS:
+            raise BundleError(f"override {key}: set by the application")
+        parser[key] = value
+    if parser.get("runner") is None:
+        raise BundleError(f"{root}: configs {list(config_names)} define no 'runner'")
+    if parser.get("refine") is False:
+        raise BundleError(f"{root}: 'refine' is false; the app writes the refined product (SegAI+R:GenAI)")
+    try:
+        if parser.get("initialize") is not None:
+            parser.get_parsed_content("initialize")
+        runner = parser.get_parsed_content("runner")
+    except Exception as e:
+        raise BundleError(f"{root}: building the bundle's runner failed: {type(e).__name__}: {e}") from e
+    if not callable(getattr(runner, "predict", None)):
+        raise BundleError(f"{root}: the bundle's 'runner' has no predict(path)")
+    return runner

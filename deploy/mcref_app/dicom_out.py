@@ -1,14 +1,19 @@
 """DICOM objects written by the application, and atomic file writing.
 
-* The microcalcification mask becomes a binary DICOM Segmentation (highdicom) whose single
-  frame lies on the source image's pixel grid (``frame[r, c]`` belongs to ``pixel_array[r, c]``),
-  segment property "Calcification of breast" (SCT 309587003), referencing the source image.
-* Float maps on the source grid (the probability map, the virtual normal image) become
-  16-bit Secondary Capture images: :func:`bundle.dicom.make_map_sc` (shared with the bundle's
-  own inference, which writes the virtual normal image of DICOM inputs the same way).
+The objects come from :mod:`bundle.dicom` (shared with the bundle's own runner, which writes the
+virtual normal image of DICOM inputs the same way), re-exported here:
 
-Derived UIDs are deterministic (from the source SOP Instance UID, the object kind and the model
+* :func:`make_seg`: the refined mask as a BINARY SEG, :func:`make_fractional_seg`: the refined
+  probability as a FRACTIONAL SEG, both single-frame on the source grid, anatomic region breast
+  with the image's laterality;
+* :func:`make_virtual_normal` / :func:`make_map_sc`: float maps as 16-bit Secondary Capture;
+* :func:`safe_name`: output names of safe characters only.
+
+Derived UIDs are deterministic (from the source SOP Instance UID, the object kind and the bundle
 version), so a re-run replaces rather than duplicates the objects in a PACS.
+
+``bundle`` is imported when this module is: in a MONAI Application Package it comes from the
+bundle archive, which :func:`deploy.mcref_app.bundle_io.bundle_parser` puts on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -19,87 +24,33 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from bundle.dicom import (  # noqa: F401  (re-exported)
+    FRACTIONAL_MAX,
+    PROB_SCALE,
+    _atomic,
+    derived_uid,
+    header_only,
+    make_fractional_seg,
+    make_map_sc,
+    make_seg,
+    make_virtual_normal,
+    safe_name,
+    write_dataset_atomic,
+)
 
 __all__ = [
     "derived_uid",
     "header_only",
     "make_seg",
+    "make_fractional_seg",
     "make_map_sc",
+    "make_virtual_normal",
+    "safe_name",
     "write_dataset_atomic",
     "write_json_atomic",
     "PROB_SCALE",
+    "FRACTIONAL_MAX",
 ]
-
-from bundle.dicom import (  # noqa: E402  (shared with the bundle; re-exported here)
-    _SERIES_NUMBERS,
-    PROB_SCALE,
-    _atomic,
-    derived_uid,
-    header_only,
-    make_map_sc,
-    write_dataset_atomic,
-)
-
-
-def _algorithm(version: str) -> Any:
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    return hd.AlgorithmIdentificationSequence(
-        name="mcref SegAI", version=str(version), family=codes.cid7162.ArtificialIntelligence
-    )
-
-
-def make_seg(source: Any, mask: np.ndarray, version: str, manufacturer: str = "mcref") -> Any:
-    """A binary DICOM Segmentation of microcalcifications for one source mammogram.
-
-    Args:
-        source: the source image (pydicom Dataset; pixel data not needed).
-        mask: (H, W) array, nonzero = microcalcification, on the source grid
-            (``mask[r, c]`` belongs to ``pixel_array[r, c]``).
-        version: model/bundle version (algorithm version, software version, UIDs).
-        manufacturer: Manufacturer of the new object.
-
-    Returns:
-        The highdicom ``Segmentation`` (a pydicom Dataset) with exactly one frame.
-    """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    mask = np.asarray(mask)
-    rows, cols = int(source.Rows), int(source.Columns)
-    if mask.shape != (rows, cols):
-        raise ValueError(f"mask shape {mask.shape} does not match the source image ({rows}, {cols})")
-    category = getattr(codes.SCT, "MorphologicallyAbnormalStructure", None) or codes.SCT.Tissue
-    description = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="Microcalcification",
-        segmented_property_category=category,
-        segmented_property_type=codes.SCT.CalcificationOfBreast,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=_algorithm(version),
-    )
-    sop = str(source.SOPInstanceUID)
-    seg = hd.seg.Segmentation(
-        source_images=[header_only(source)],
-        pixel_array=(mask > 0).astype(np.uint8)[None],
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description],
-        series_instance_uid=derived_uid(sop, "seg-series", version),
-        series_number=_SERIES_NUMBERS["seg"],
-        sop_instance_uid=derived_uid(sop, "seg", version),
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name="mcref SegAI",
-        software_versions=str(version),
-        device_serial_number="0",
-        content_description="Microcalcification segmentation (research use only)",
-        content_label="MC_SEG",
-        omit_empty_frames=False,
-    )
-    seg.SeriesDescription = "mcref microcalcification SEG (research)"
-    return seg
 
 
 def write_json_atomic(obj: Mapping[str, Any] | list, path: str | os.PathLike) -> Path:
