@@ -3,9 +3,11 @@
 A private Orthanc (``/usr/sbin/Orthanc``, Debian package ``orthanc``) is started on 127.0.0.1
 with its own configuration in a temporary folder (storage and index there, free HTTP and DICOM
 ports, no remote access, no authentication, no plugins). Two phantom mammograms (one right MLO
-MONOCHROME1) are sent with a pynetdicom C-STORE, fetched back over REST, processed by the app,
-and its SEG and probability map are posted back. The SEG is then found by a query, read with
-highdicom and compared pixel for pixel with the bundle's own mask for the same fetched file.
+MONOCHROME1) are sent with a pynetdicom C-STORE, fetched back over REST, processed by the app
+(the bundle's two-stage pipeline, shipped weights), and its SEG, probability SEG and virtual
+normal image are posted back. The SEGs are then found by a query, read with highdicom and
+compared with the bundle's own refined mask (pixel for pixel) and refined probability (within
+the FRACTIONAL quantisation) for the same fetched file.
 """
 
 from __future__ import annotations
@@ -162,12 +164,14 @@ def c_store(files: list[Path], port: int, called_aet: str) -> list[int]:
         assoc.release()
 
 
-def make_bundle_folder(folder: Path, ckpt: Path) -> Path:
-    """A bundle folder (configs, the bundle package, models/model.pt = ``ckpt``) for the app."""
+def make_bundle_folder(folder: Path) -> Path:
+    """A bundle folder for the app: configs, the bundle package and the shipped SegAI and
+    inpainter weights (``models/model.pt``, ``models/inpainter.pt``)."""
     shutil.copytree(ROOT / "configs", folder / "configs")
     shutil.copytree(ROOT / "bundle", folder / "bundle", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (folder / "models").mkdir(parents=True)
-    shutil.copyfile(ckpt, folder / "models" / "model.pt")
+    for name in ("model.pt", "inpainter.pt"):
+        shutil.copyfile(ROOT / "models" / name, folder / "models" / name)
     return folder
 
 
@@ -179,12 +183,11 @@ def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_pacs_round_trip_seg_equals_the_bundle_mask(orthanc, tmp_path):
+def test_pacs_round_trip_seg_equals_the_bundle_refined_mask(orthanc, tmp_path):
     import highdicom as hd
     import nibabel as nib
-    import torch
 
-    from bundle.networks import SegAINet
+    from bundle.dicom import FRACTIONAL_MAX
     from bundle.phantom import make_phantom, write_mg_dicom
 
     assert "Version" in orthanc.get_json("/system")
@@ -214,38 +217,45 @@ def test_pacs_round_trip_seg_equals_the_bundle_mask(orthanc, tmp_path):
     right = next(p for p in by_sop.values() if pydicom.dcmread(p).ImageLaterality == "R")
     assert pydicom.dcmread(right).PhotometricInterpretation == "MONOCHROME1"
 
-    # the app on what the PACS gave back, with a bundle folder holding random SegAI weights
-    torch.manual_seed(3)
-    ckpt = tmp_path / "random.pt"
-    torch.save(SegAINet().state_dict(), ckpt)
-    bundle_dir = make_bundle_folder(tmp_path / "bundle", ckpt)
+    # the app on what the PACS gave back, with a bundle folder holding the shipped weights
+    bundle_dir = make_bundle_folder(tmp_path / "bundle")
     out = tmp_path / "out"
     run([sys.executable, "-m", "deploy.mcref_app", "-i", str(fetched), "-o", str(out), "--bundle", str(bundle_dir)])
-    results = sorted(out.rglob("*_seg.dcm")) + sorted(out.rglob("*_prob.dcm"))
-    assert len(results) == 4
+    results = sorted(out.rglob("*_seg.dcm")) + sorted(out.rglob("*_prob.dcm")) + sorted(out.rglob("*_virtual_normal.dcm"))
+    assert len(results) == 6
     for f in results:  # post the results back
         assert orthanc.upload(f)["Status"] in ("Success", "AlreadyStored")
 
-    # the bundle's own mask for the same fetched files
+    # the bundle's own outputs for the same fetched files
     ref = tmp_path / "ref"
     run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-         "--dataset_dir", str(fetched), "--output_dir", str(ref), "--ckpt_path", str(ckpt), "--refiner", "$None"])
+         "--dataset_dir", str(fetched), "--output_dir", str(ref)])
+
+    def nii(stem: str, key: str) -> np.ndarray:
+        return np.squeeze(np.asarray(nib.load(str(ref / stem / f"{stem}_{key}.nii.gz")).dataobj))
 
     # query the PACS for the SEGs and compare frame by frame
     seg_ids = orthanc.post_json("/tools/find", {"Level": "Instance", "Query": {"Modality": "SEG"}})
-    assert len(seg_ids) == 2
+    assert len(seg_ids) == 4  # per image: the refined mask (BINARY) and the refined probability (FRACTIONAL)
     study_uid = pydicom.dcmread(right).StudyInstanceUID
+    kinds = []
     for sid in seg_ids:
         seg = hd.seg.segread(_as_file(orthanc.file(sid), tmp_path / f"seg_{sid}.dcm"))
         assert seg.StudyInstanceUID == study_uid
         source_sop = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
         frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[source_sop], segment_numbers=[1])[0, ..., 0]
         stem = by_sop[source_sop].stem
-        mask = np.squeeze(np.asarray(nib.load(str(ref / stem / f"{stem}_mask.nii.gz")).dataobj))
-        assert frame.shape == mask.shape == pydicom.dcmread(by_sop[source_sop]).pixel_array.shape
-        assert np.array_equal(frame.astype(np.uint8), mask.astype(np.uint8)), f"SEG of {source_sop} differs"
+        assert frame.shape == pydicom.dcmread(by_sop[source_sop]).pixel_array.shape
+        kinds.append(seg.SegmentationType)
+        if seg.SegmentationType == "BINARY":
+            mask = nii(stem, "refined_mask")
+            assert np.array_equal(frame.astype(np.uint8), mask.astype(np.uint8)), f"SEG of {source_sop} differs"
+        else:
+            prob = nii(stem, "refined_prob")
+            assert np.abs(frame.astype(np.float64) - prob).max() <= 0.5 / FRACTIONAL_MAX + 1e-6
+    assert sorted(kinds) == ["BINARY", "BINARY", "FRACTIONAL", "FRACTIONAL"]
     sc_ids = orthanc.post_json("/tools/find", {"Level": "Instance", "Query": {"Modality": "OT"}})
-    assert len(sc_ids) == 2  # the probability maps (Secondary Capture, modality OT)
+    assert len(sc_ids) == 2  # the virtual normal images (Secondary Capture, modality OT)
 
 
 def _as_file(data: bytes, path: Path) -> Path:
