@@ -72,6 +72,7 @@ __all__ = [
     "TTGPRRefiner",
     "MCGenRefMethods",
     "build_study_methods",
+    "mcgenref_refiner",
     "load_generator",
     "WallTimeLimit",
     "evaluate_injected",
@@ -1403,6 +1404,53 @@ def build_study_methods(
     gen = load_generator(generator if generator is not None else SeedRFGenerator(), rflow_ckpt_path, device, required=False)
     inferer = TTGPRInferer(generator=gen, **dict(ttgpr_kwargs or {}))
     return MCGenRefMethods(net, inferer, device).refiners()
+
+
+def mcgenref_refiner(
+    method: str,
+    seg_ckpt_path: str | os.PathLike = "models/mcgenref_seg.pt",
+    rflow_ckpt_path: str | os.PathLike | None = "models/rflow.pt",
+    ttgpr_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    network: torch.nn.Module | None = None,
+    generator: SeedRFGenerator | None = None,
+) -> Callable[..., dict]:
+    """Factory of the registered methods ``mcgenref_init`` and ``mcgenref_ttgpr``.
+
+    Args:
+        method: ``"mcgenref_init"`` or ``"mcgenref_ttgpr"``.
+        seg_ckpt_path: weights of the synthetic-only segmentor.
+        rflow_ckpt_path: weights of the RF generator (TT-GPR).
+        ttgpr_kwargs: keyword arguments of :class:`TTGPRInferer` (the one place they are set is
+            ``mcgenref_ttgpr`` in the configs).
+        device: torch device.
+        network: segmentor architecture (default ``SegAINet()``).
+        generator: generator architecture (default ``SeedRFGenerator()``).
+
+    Raises:
+        FileNotFoundError: when the segmentor weights are missing (the study lists the row as
+            skipped with this reason).
+    """
+    methods = build_study_methods(seg_ckpt_path, rflow_ckpt_path, network, generator, ttgpr_kwargs, device)
+    if not methods:
+        raise FileNotFoundError(f"{seg_ckpt_path}: MC-GenRef segmentor weights not found")
+    return methods[method]
+
+
+def _register_methods() -> None:
+    from functools import partial
+
+    from bundle.refine import REFINERS, register_refiner
+
+    if "mcgenref_init" not in REFINERS:
+        register_refiner("mcgenref_init", partial(mcgenref_refiner, "mcgenref_init"), label="MC-GenRef init (synthetic-only)",
+                         needs=(), operating_point=0.5, description="segmentor trained on synthetic MCs only; SegAI not used")
+    if "mcgenref_ttgpr" not in REFINERS:
+        register_refiner("mcgenref_ttgpr", partial(mcgenref_refiner, "mcgenref_ttgpr"), label="MC-GenRef TT-GPR",
+                         needs=(), operating_point=0.5, description="the initializer refined by test-time generative posterior refinement")
+
+
+_register_methods()
 
 
 # ----------------------------------------------------------------------------------------------

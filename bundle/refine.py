@@ -26,7 +26,8 @@ See ``docs/refinement.md`` for the equations and the normalisation.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
@@ -42,7 +43,11 @@ __all__ = [
     "InpaintFn",
     "Refiner",
     "REFINERS",
+    "RefinerSpec",
     "register_refiner",
+    "refiner_spec",
+    "method_label",
+    "method_needs",
     "build_refiner",
     "sp1_gaussian_blur_difference",
     "sp2_white_tophat",
@@ -688,31 +693,111 @@ class GridGenAIRefiner(GenAIRefiner):
         return grid_mask_refine(image, self.inpaint_fn, breast=breast, **self.kwargs)
 
 
-#: name -> factory returning a :class:`Refiner`; ``build_refiner(name, **kwargs)`` calls
-#: ``REFINERS[name](**kwargs)``. Add a method with one line here or :func:`register_refiner`.
-REFINERS: dict[str, Callable[..., Refiner]] = {
-    "segai": SegAIRefiner,
-    "sp1": partial(SPRefiner, method="sp1"),
-    "sp2": partial(SPRefiner, method="sp2"),
-    "segai+sp1": partial(SPRefiner, method="sp1", use_segai=True),
-    "segai+sp2": partial(SPRefiner, method="sp2", use_segai=True),
-    "segai+genai": GenAIRefiner,
-    "segai+classical": partial(GenAIRefiner, inpaint_fn=classical_inpaint_fn()),
-    "grid_genai": GridGenAIRefiner,
-}
+@dataclass(frozen=True)
+class RefinerSpec:
+    """What a refinement method says about itself; one entry of :data:`REFINERS`.
 
-
-def register_refiner(name: str, factory: Callable[..., Refiner], overwrite: bool = False) -> None:
-    """Add a refinement method to :data:`REFINERS`.
+    Calling the spec builds the refiner (``defaults`` overridden by the call's keyword
+    arguments) and stamps ``name``, ``label``, ``needs`` and ``operating_point`` on it, so the
+    pipeline, the study and the reports read them from the refiner itself.
 
     Args:
-        name: method name.
-        factory: callable returning a :class:`Refiner` (a class or a ``partial``).
-        overwrite: allow replacing an existing name.
+        name: registry name, used in configs (``refiner_name``) and the study's ``methods``.
+        factory: class or callable returning the refiner.
+        label: name in tables and figures (the papers' notation).
+        needs: what it needs besides the image: ``"segai"`` (SegAI's map) and/or
+            ``"inpainter"`` (inpainter weights, passed as ``net``).
+        defaults: keyword arguments of ``factory`` used unless the caller gives them.
+        operating_point: threshold of its refined mask unless a config says otherwise.
+        description: one line for ``docs/`` and ``--help`` listings.
     """
-    if name in REFINERS and not overwrite:
-        raise KeyError(f"Refiner {name!r} already exists.")
-    REFINERS[name] = factory
+
+    name: str
+    factory: Callable[..., Any]
+    label: str
+    needs: tuple[str, ...] = ("segai",)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    operating_point: float = 0.5
+    description: str = ""
+
+    def __call__(self, **kwargs: Any) -> Refiner:
+        kw = {**dict(self.defaults), **kwargs}
+        ref = self.factory(**kw)
+        for attr in ("name", "label", "needs", "operating_point"):
+            try:
+                setattr(ref, attr, getattr(self, attr))
+            except (AttributeError, TypeError):  # e.g. a bound method: the spec stays the source
+                pass
+        return ref
+
+
+#: name -> :class:`RefinerSpec`. A method registers itself where it is defined with
+#: :func:`register_refiner` (MC-GenRef's two rows register in :mod:`bundle.mcgenref`);
+#: ``build_refiner(name, **kwargs)`` builds it.
+REFINERS: dict[str, RefinerSpec] = {}
+
+
+def register_refiner(
+    name: str,
+    factory: Callable[..., Any] | None = None,
+    *,
+    label: str | None = None,
+    needs: Sequence[str] = ("segai",),
+    defaults: Mapping[str, Any] | None = None,
+    operating_point: float = 0.5,
+    description: str = "",
+    overwrite: bool = False,
+) -> Any:
+    """Register a refinement method; usable as a call or as a class decorator.
+
+    ``register_refiner("mine", MyRefiner, label="SegAI+R:Mine")`` or ``@register_refiner("mine",
+    label=...)`` above the class.
+
+    Args:
+        name: registry name.
+        factory: class or callable returning the refiner; omitted when used as a decorator.
+        label: table label (default: ``name``).
+        needs: ``"segai"`` and/or ``"inpainter"``.
+        defaults: default keyword arguments of ``factory``.
+        operating_point: default threshold of its refined mask.
+        description: one line describing it.
+        overwrite: allow replacing an existing name.
+
+    Returns:
+        the factory (so the decorator leaves the class unchanged).
+    """
+    bad = set(needs) - {"segai", "inpainter"}
+    if bad:
+        raise ValueError(f"refiner {name!r}: unknown needs {sorted(bad)}; use 'segai' and/or 'inpainter'")
+
+    def _register(f: Callable[..., Any]) -> Callable[..., Any]:
+        if name in REFINERS and not overwrite:
+            raise KeyError(f"Refiner {name!r} already exists.")
+        REFINERS[name] = RefinerSpec(
+            name, f, label or name, tuple(needs), dict(defaults or {}), float(operating_point), description
+        )
+        return f
+
+    return _register if factory is None else _register(factory)
+
+
+def refiner_spec(name: str) -> RefinerSpec:
+    """The :class:`RefinerSpec` of ``name`` (``KeyError`` naming the known ones)."""
+    if name not in REFINERS:
+        raise KeyError(f"Unknown refiner {name!r}; known: {sorted(REFINERS)}.")
+    return REFINERS[name]
+
+
+def method_label(name: str) -> str:
+    """Table label of a method (its name when it is not registered)."""
+    spec = REFINERS.get(name)
+    return spec.label if spec is not None else name
+
+
+def method_needs(name: str) -> tuple[str, ...]:
+    """What a method needs (``("segai",)`` when it is not registered)."""
+    spec = REFINERS.get(name)
+    return spec.needs if spec is not None else ("segai",)
 
 
 def build_refiner(name: str, **kwargs: Any) -> Refiner:
@@ -720,11 +805,29 @@ def build_refiner(name: str, **kwargs: Any) -> Refiner:
 
     Args:
         name: one of ``REFINERS``.
-        kwargs: arguments of its factory (e.g. ``net=...`` for ``"segai+genai"``).
+        kwargs: arguments of its factory (e.g. ``net=...`` for ``"segai+genai"``), over its
+            registered defaults.
 
     Returns:
-        a :class:`Refiner`.
+        a :class:`Refiner` carrying ``name``, ``label``, ``needs`` and ``operating_point``.
     """
-    if name not in REFINERS:
-        raise KeyError(f"Unknown refiner {name!r}; known: {sorted(REFINERS)}.")
-    return REFINERS[name](**kwargs)
+    return refiner_spec(name)(**kwargs)
+
+
+register_refiner("segai", SegAIRefiner, label="SegAI", operating_point=0.05,
+                 description="SegAI's probability map unchanged")
+register_refiner("sp1", partial(SPRefiner, method="sp1"), label="SP1 (GBD)", needs=(), operating_point=0.5,
+                 description="Gaussian blur difference, no SegAI")
+register_refiner("sp2", partial(SPRefiner, method="sp2"), label="SP2 (THT)", needs=(), operating_point=0.5,
+                 description="white top-hat, no SegAI")
+register_refiner("segai+sp1", partial(SPRefiner, method="sp1", use_segai=True), label="SegAI+R:SP1",
+                 operating_point=0.04, description="SP1 weighted by pooled SegAI (seed Eq. 2)")
+register_refiner("segai+sp2", partial(SPRefiner, method="sp2", use_segai=True), label="SegAI+R:SP2",
+                 operating_point=0.12, description="SP2 weighted by pooled SegAI (seed Eq. 2)")
+register_refiner("segai+genai", GenAIRefiner, label="SegAI+R:GenAI", needs=("segai", "inpainter"),
+                 operating_point=0.6, description="virtual normal by the transformer inpainter (seed Eq. 3)")
+register_refiner("segai+classical", partial(GenAIRefiner, inpaint_fn=classical_inpaint_fn()),
+                 label="SegAI+R:Biharmonic", operating_point=0.6,
+                 description="the same with biharmonic inpainting instead of the network")
+register_refiner("grid_genai", GridGenAIRefiner, label="Grid-mask GenAI (no SegAI mask)", needs=("inpainter",),
+                 operating_point=0.6, description="grid cells inpainted in turn, no SegAI mask (seed Table 2)")

@@ -65,8 +65,8 @@ from bundle.reports import atomic_path, markdown_table, overlay_rgb, write_csv_a
 
 __all__ = [
     "StudySettings",
-    "METHOD_NEEDS",
-    "METHOD_LABELS",
+    "method_needs",
+    "method_label",
     "truth_objects",
     "object_max_prob",
     "predicted_objects",
@@ -96,35 +96,31 @@ logger = logging.getLogger("mcref.study")
 
 NAN = float("nan")
 
-#: what each method needs besides the image: "segai" (SegAI weights) and/or "inpainter" (inpainter
-#: weights). Methods not listed need SegAI only.
-METHOD_NEEDS: dict[str, tuple[str, ...]] = {
-    "segai": ("segai",),
-    "sp1": (),
-    "sp2": (),
-    "segai+sp1": ("segai",),
-    "segai+sp2": ("segai",),
-    "segai+classical": ("segai",),
-    "segai+genai": ("segai", "inpainter"),
-    "grid_genai": ("inpainter",),
-    # MC-GenRef (bundle.mcgenref.build_study_methods): own segmentor, SegAI's map is not used
-    "mcgenref_init": (),
-    "mcgenref_ttgpr": (),
-}
+def _registry() -> Any:
+    """The refiner registry with every method registered (MC-GenRef's rows register on import)."""
+    import bundle.mcgenref  # noqa: F401  (registers mcgenref_init / mcgenref_ttgpr)
+    import bundle.refine
 
-#: names used in the tables (the seed's notation).
-METHOD_LABELS: dict[str, str] = {
-    "segai": "SegAI",
-    "sp1": "SP1 (GBD)",
-    "sp2": "SP2 (THT)",
-    "segai+sp1": "SegAI+R:SP1",
-    "segai+sp2": "SegAI+R:SP2",
-    "segai+classical": "SegAI+R:Biharmonic",
-    "segai+genai": "SegAI+R:GenAI",
-    "grid_genai": "Grid-mask GenAI (no SegAI mask)",
-    "mcgenref_init": "MC-GenRef init (synthetic-only)",
-    "mcgenref_ttgpr": "MC-GenRef TT-GPR",
-}
+    return bundle.refine
+
+
+def method_label(name: str) -> str:
+    """Table label of a method, from its :class:`bundle.refine.RefinerSpec` (else its name).
+
+    Args:
+        name: method name.
+    """
+    return _registry().method_label(name)
+
+
+def method_needs(name: str) -> tuple[str, ...]:
+    """What a method needs (``"segai"``, ``"inpainter"``), from its registered spec.
+
+    Args:
+        name: method name.
+    """
+    return _registry().method_needs(name)
+
 
 #: per-image metrics of Table 1 (and 2), in column order.
 TABLE1_METRICS: tuple[str, ...] = ("sensitivity", "ppv", "dice", "activation_rate", "true_activation_rate")
@@ -264,7 +260,10 @@ class StudySettings:
         Args:
             method: method name.
         """
-        return float(self.method_thresholds.get(method, self.threshold))
+        if method in self.method_thresholds:
+            return float(self.method_thresholds[method])
+        spec = _registry().REFINERS.get(method)  # the method's own declared operating point
+        return float(spec.operating_point) if spec is not None else float(self.threshold)
 
     def froc_grid(self, method: str) -> np.ndarray:
         """Sorted FROC thresholds of ``method`` (operating threshold included).
@@ -1110,7 +1109,7 @@ def plot_curves(
     for name, (x, y) in curves.items():
         x = np.asarray(x, dtype=float)
         y = np.asarray(y, dtype=float)
-        ax.plot(x, y, marker="o", ms=3, label=METHOD_LABELS.get(name, name))
+        ax.plot(x, y, marker="o", ms=3, label=method_label(name))
         if bands and name in bands:
             lo, hi = (np.asarray(v, dtype=float) for v in bands[name])
             ax.fill_between(x, lo, hi, alpha=0.12)
@@ -1152,7 +1151,7 @@ def plot_froc(
     for name, (fpi, sens, op) in frocs.items():
         x = np.maximum(np.asarray(fpi, dtype=float), floor)
         order = np.argsort(x, kind="stable")
-        line = ax.plot(x[order], np.asarray(sens)[order], marker=".", label=METHOD_LABELS.get(name, name))
+        line = ax.plot(x[order], np.asarray(sens)[order], marker=".", label=method_label(name))
         if 0 <= op < len(x):
             ax.plot([x[op]], [sens[op]], marker="*", ms=10, color=line[0].get_color())
     for f in fp_rates:
@@ -1198,15 +1197,14 @@ def build_study_refiners(
         refiner_kwargs: per-method keyword arguments of ``build_refiner``.
         extra_refiners: ready refiners by name (tests, new methods); they need SegAI unless
             ``needs`` says otherwise.
-        needs: per-method requirements overriding :data:`METHOD_NEEDS`.
+        needs: per-method requirements overriding the registered ones (:func:`method_needs`).
 
     Returns:
         ``(refiners, skipped)``: name -> refiner, and name -> reason.
     """
-    from bundle.refine import REFINERS, build_refiner
+    REFINERS, build_refiner = _registry().REFINERS, _registry().build_refiner
 
-    req = dict(METHOD_NEEDS)
-    req.update({k: tuple(v) for k, v in (needs or {}).items()})
+    req = {k: tuple(v) for k, v in (needs or {}).items()}
     kwargs_all = refiner_kwargs or {}
     extra = dict(extra_refiners or {})
     refiners: dict[str, Callable[..., dict]] = {}
@@ -1217,7 +1215,7 @@ def build_study_refiners(
         if name not in REFINERS and name not in extra:
             skipped[name] = f"unknown method (known: {sorted(set(REFINERS) | set(extra))})"
             continue
-        need = req.get(name, ("segai",))
+        need = req.get(name, method_needs(name))
         if "segai" in need and not segai_available:
             skipped[name] = f"needs SegAI weights: {segai_reason}"
             continue
@@ -1281,7 +1279,7 @@ class MCStudy:
         network: the SegAI network (architecture only; weights come from ``ckpt_path``).
         ckpt_path: SegAI weights.
         inferer: SegAI inferer called ``inferer(x, network, breast=b)`` (e.g. ``BreastTileInferer``).
-        methods: methods to evaluate (see :data:`METHOD_NEEDS`).
+        methods: methods to evaluate (names of ``bundle.refine.REFINERS``).
         inpainter: the inpainting network (architecture only), or None.
         inpainter_ckpt_path: inpainter weights.
         refiner_kwargs: per-method keyword arguments of ``bundle.refine.build_refiner``.
@@ -1409,14 +1407,6 @@ class MCStudy:
         spacing = (float(sp), float(sp)) if sp else _spacing(meta.get("spacing", (0.07, 0.07)))
         return {"image": image, "raw": raw, "truth": truth, "breast": breast, "spacing": spacing}
 
-    @torch.no_grad()
-    def _segai(self, image: np.ndarray, breast: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(image)[None, None].to(self.device)
-        b = torch.as_tensor(breast.astype(np.float32))[None, None].to(self.device)
-        self.network.eval()  # type: ignore[union-attr]
-        out = self.inferer(x, self.network, breast=b)
-        return np.clip(np.nan_to_num(out[0, 0].detach().float().cpu().numpy()), 0.0, 1.0).astype(np.float32)
-
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
         """Run the study: every case, every method, then tables, curves, files and MLflow.
@@ -1432,7 +1422,7 @@ class MCStudy:
         logger.info("study: %d cases from %s", len(items), [str(x) for x in self.datalists if x])
 
         seg_net, seg_reason = _load_weights(self.network, self.ckpt_path, self.device, "SegAI")
-        needs_inp = any("inpainter" in METHOD_NEEDS.get(m, ()) for m in self.methods)
+        needs_inp = any("inpainter" in method_needs(m) for m in self.methods)
         inp_net, inp_reason = (None, "not needed")
         if needs_inp:
             inp_net, inp_reason = _load_weights(self.inpainter, self.inpainter_ckpt_path, self.device, "inpainter")
@@ -1443,7 +1433,10 @@ class MCStudy:
         for m, why in skipped.items():
             logger.warning("method %s skipped: %s", m, why)
         methods = [m for m in self.methods if m in refiners]
-        run_segai = seg_net is not None and any("segai" in METHOD_NEEDS.get(m, ("segai",)) for m in methods)
+        run_segai = seg_net is not None and any("segai" in method_needs(m) for m in methods)
+        from bundle.pipeline import MCPipeline
+
+        pipe = MCPipeline(seg_net, self.inferer, device=self.device)  # the one two-stage pipeline
 
         cases: list[dict[str, Any]] = []  # one per successfully prepared case
         failed: list[dict[str, str]] = []
@@ -1464,7 +1457,7 @@ class MCStudy:
             t0 = time.perf_counter()
             try:
                 c = self._prepare_case(item)
-                seg = self._segai(c["image"], c["breast"]) if run_segai else None
+                seg = pipe.segai(c["image"], c["breast"]) if run_segai else None
             except Exception as e:
                 msg = f"{type(e).__name__}: {e}"
                 logger.error("case %s failed: %s", name, msg)
@@ -1487,10 +1480,8 @@ class MCStudy:
             for m in methods:
                 t1 = time.perf_counter()
                 try:
-                    out = refiners[m](c["image"], seg, c["breast"])
-                    prob = np.clip(np.nan_to_num(_np2d(out["prob"], "prob", np.float32)), 0.0, 1.0)
-                    if prob.shape != c["image"].shape:
-                        raise ValueError(f"refined map shape {prob.shape} differs from the image {c['image'].shape}")
+                    out = pipe.refine(c["image"], seg, c["breast"], refiner=refiners[m], threshold=s.threshold_for(m))
+                    prob = out["refined_prob"]
                     st = case_statistics(prob, c["truth"], c["breast"], c["spacing"], s, m, labels, objs, tcid, n_tc)
                 except Exception as e:
                     msg = f"{type(e).__name__}: {e}"
@@ -1512,7 +1503,7 @@ class MCStudy:
                         case_panel(
                             ppath, c["image"], prob, prob >= s.threshold_for(m), c["truth"], objs, det,
                             out.get("virtual_normal"), c["breast"],
-                            title=f"{name} - {METHOD_LABELS.get(m, m)} (threshold {s.threshold_for(m):g})",
+                            title=f"{name} - {method_label(m)} (threshold {s.threshold_for(m):g})",
                             max_side=s.panel_max_side, zoom_px=s.zoom_px,
                         )
                         panels[m][name] = str(ppath)
@@ -1602,7 +1593,7 @@ class MCStudy:
             metrics[m]["seconds_per_case"] = float(_nanmean(secs)) if np.any(np.isfinite(secs)) else NAN
             metrics[m]["n_cases"] = float(valid[m].sum())
         for m in methods:
-            r = {"method": METHOD_LABELS.get(m, m), "n": int(metrics[m]["n_cases"])}
+            r = {"method": method_label(m), "n": int(metrics[m]["n_cases"])}
             for k in TABLE1_METRICS:
                 scale, dig = (100.0, 2) if "activation" in k else (100.0, 1)
                 r[k] = format_ci(metrics[m][k], metrics[m][f"{k}_ci_lo"], metrics[m][f"{k}_ci_hi"], scale, dig)
@@ -1614,7 +1605,7 @@ class MCStudy:
         table4: list[dict[str, Any]] = []
         base_of = {a: b for a, b in TABLE4_PAIRS if a in methods and b in methods}
         for m in methods:
-            r = {"method": METHOD_LABELS.get(m, m), "n": int(metrics[m]["n_cases"])}
+            r = {"method": method_label(m), "n": int(metrics[m]["n_cases"])}
             for k in TABLE4_METRICS:
                 if k not in metrics[m]:
                     v = per_case(m, k)
@@ -1623,7 +1614,7 @@ class MCStudy:
                 r[k] = format_ci(metrics[m][k], metrics[m][f"{k}_ci_lo"], metrics[m][f"{k}_ci_hi"], 100.0, 1)
                 b = base_of.get(m)
                 r[f"p_{k}"] = format_p(paired_wilcoxon(per_case(m, k), per_case(b, k))["p_value"]) if b else ""
-            r["vs"] = METHOD_LABELS.get(base_of[m], base_of[m]) if m in base_of else ""
+            r["vs"] = method_label(base_of[m]) if m in base_of else ""
             table4.append(r)
 
         # Table 2: with vs without the SegAI mask
@@ -1634,7 +1625,7 @@ class MCStudy:
             for k in TESTED_METRICS:
                 p2[k] = paired_wilcoxon(per_case(t2[1], k), per_case(t2[0], k))["p_value"]
         for j, m in enumerate(t2):
-            r = {"method": METHOD_LABELS.get(m, m), "n": int(metrics[m]["n_cases"])}
+            r = {"method": method_label(m), "n": int(metrics[m]["n_cases"])}
             for k in TABLE1_METRICS:
                 scale, dig = (100.0, 2) if "activation" in k else (100.0, 1)
                 r[k] = format_ci(metrics[m][k], metrics[m][f"{k}_ci_lo"], metrics[m][f"{k}_ci_hi"], scale, dig)
@@ -1683,14 +1674,14 @@ class MCStudy:
                         pv = paired_wilcoxon(v, img_vec(f, ref, x))["p_value"]
                         pvals[m][key] = pv
                         cell += f" (p {format_p(pv)})"
-                    r[METHOD_LABELS.get(m, m)] = cell
+                    r[method_label(m)] = cell
                     metrics[m][key] = y
                     metrics[m][f"{key}_ci_lo"] = lo
                     metrics[m][f"{key}_ci_hi"] = hi
                 table3[f].append(r)
         spec_row = {"objects": "specificity (images without MCs)", "n_images": int(np.sum(~has_mcs))}
         for m in methods:
-            spec_row[METHOD_LABELS.get(m, m)] = format_ci(
+            spec_row[method_label(m)] = format_ci(
                 metrics[m]["image_specificity"], metrics[m]["image_specificity_ci_lo"], metrics[m]["image_specificity_ci_hi"]
             )
 
@@ -1728,7 +1719,7 @@ class MCStudy:
             metrics[m]["cluster_sensitivity"] = float(sens[op]) if len(sens) else NAN
             metrics[m]["fp_clusters_per_image"] = float(fpi[op]) if len(fpi) else NAN
             froc_plot[m] = (fpi, sens, op)
-            fr = {"method": METHOD_LABELS.get(m, m), "froc_score": format_ci(summ["froc_score"], lo, hi)}
+            fr = {"method": method_label(m), "froc_score": format_ci(summ["froc_score"], lo, hi)}
             for f_ in s.froc_fp_rates:
                 fr[f"sens@{f_:g}"] = format_ci(summ[f"sens_at_{f_:g}"], NAN, NAN)
             fr["op_sensitivity"] = format_ci(metrics[m]["cluster_sensitivity"], NAN, NAN)
@@ -1754,7 +1745,7 @@ class MCStudy:
                 key = f"tpr_at_{r_:g}_fp_per_cm2"
                 rd[key] = cs[key]
             metrics[m].update(rd)
-            detection_rows.append({"method": METHOD_LABELS.get(m, m), "n_normal": int(normal.sum()), **{
+            detection_rows.append({"method": method_label(m), "n_normal": int(normal.sum()), **{
                 k: metrics[m].get(k, NAN) for k in _detection_columns(s)}})
             extra = {k: pooled[k] for k in ("fp_marks_per_image", "fp_marks_per_cm2", "object_tpr")} if pooled else {}
             for i, (t, a, b_) in enumerate(zip(g, fpi, sens)):
@@ -1879,7 +1870,7 @@ class MCStudy:
         """The results as markdown (the tables, the curves as linked PNGs, failures, the command)."""
         r = self.result
         s = self.settings
-        lab = METHOD_LABELS
+        lab = {n: spec.label for n, spec in _registry().REFINERS.items()}
         lines = [f"## Study results: {self.experiment_name}", ""]
         lines += ["Produced by:", "", "```bash", self._command(), "```", ""]
         lines.append(
@@ -2008,7 +1999,7 @@ class MCStudy:
         """
         r = self.result
         s = self.settings
-        lab = METHOD_LABELS
+        lab = {n: spec.label for n, spec in _registry().REFINERS.items()}
         esc = html.escape
         parts = [
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -2114,7 +2105,7 @@ class MCStudy:
                 params = [Param(k, v) for k, v in {**common, **own}.items()]
                 for i in range(0, len(metrics), 900):
                     client.log_batch(rid, metrics=metrics[i:i + 900], params=params if i == 0 else [],
-                                     tags=[RunTag("mcref.method_label", METHOD_LABELS.get(m, m))] if i == 0 else [])
+                                     tags=[RunTag("mcref.method_label", method_label(m))] if i == 0 else [])
                 mdir = self.output_dir / m
                 for fn in ("per_case.csv", "objects.csv", "froc.csv"):
                     if (mdir / fn).is_file():

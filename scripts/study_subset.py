@@ -44,10 +44,13 @@ def main() -> int:
     ap.add_argument("--title", default="")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from bundle.study import METHOD_LABELS, TABLE4_PAIRS, paired_wilcoxon
+    from bundle.study import TABLE4_PAIRS, method_label, method_needs, paired_wilcoxon
+
+    method_needs("segai")  # registers every method (MC-GenRef included)
+    from bundle.refine import REFINERS
 
     pattern = re.compile(args.cases)
-    order = list(METHOD_LABELS)
+    order = list(REFINERS)
     dirs = sorted((p for p in args.study_dir.iterdir() if (p / "per_case.csv").is_file()),
                   key=lambda p: order.index(p.name) if p.name in order else len(order))
     data = {p.name: _read(p / "per_case.csv", pattern) for p in dirs}
@@ -63,7 +66,7 @@ def main() -> int:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for m, rows in data.items():
-        cells = [METHOD_LABELS.get(m, m), str(len(rows))]
+        cells = [method_label(m), str(len(rows))]
         for k, _ in COLUMNS:
             vals = [r[k] for r in rows.values() if not math.isnan(r.get(k, math.nan))]
             mean = sum(vals) / len(vals) if vals else math.nan
@@ -75,7 +78,7 @@ def main() -> int:
             for k in ("dice", "sensitivity"):
                 p = paired_wilcoxon([rows[c][k] for c in common], [data[b][c][k] for c in common])["p_value"]
                 cells.append("n/a" if math.isnan(p) else f"{p:.3f}")
-            cells.append(METHOD_LABELS.get(b, b))
+            cells.append(method_label(b))
         else:
             cells += ["", "", ""]
         print("| " + " | ".join(cells) + " |")
