@@ -43,6 +43,7 @@ __all__ = [
     "OrientBreastd",
     "ResampleToSpacingd",
     "compute_breast_mask",
+    "check_grey_levels",
     "large_scale_structure",
     "BreastMaskd",
     "NormalizeMammogramd",
@@ -85,6 +86,24 @@ _VIEW_MEANINGS: tuple[tuple[str, str], ...] = (
     ("latero-medial", "LM"),
 )
 _NAN_POLICIES = ("raise", "fill")
+MAX_PIXELS = 120_000_000
+"""Largest image accepted (rows x columns), checked before decoding: FFDM detectors have up to
+about 30 Mpx and digitised films about 60; more is not one mammogram (or is a decompression bomb)."""
+
+
+def _check_size(path: PathLike, rows: int, cols: int) -> None:
+    """Refuse images above :data:`MAX_PIXELS` before their pixels are decoded.
+
+    Args:
+        path: the file, for the message.
+        rows: declared rows.
+        cols: declared columns.
+    """
+    if int(rows) * int(cols) > MAX_PIXELS:
+        raise MammogramError(
+            path, f"image too large ({rows}x{cols} px = {rows * cols / 1e6:.0f} Mpx; at most {MAX_PIXELS / 1e6:.0f} Mpx): "
+            "not a single mammogram, or a decompression bomb",
+        )
 
 
 class MammogramError(ValueError):
@@ -335,6 +354,7 @@ def _read_dicom(
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows and cols and (rows < min_size or cols < min_size):
         raise MammogramError(path, f"image too small ({rows}x{cols} px); at least {min_size} px per side expected")
+    _check_size(path, rows, cols)
     file_meta = getattr(ds, "file_meta", None)
     ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if ts is not None:
@@ -398,14 +418,13 @@ def _read_png(path: PathLike) -> tuple[np.ndarray, dict]:
 
     try:
         with Image.open(path) as im:
+            _check_size(path, im.size[1], im.size[0])
             im.load()
             n_frames = int(getattr(im, "n_frames", 1) or 1)
             mode = im.mode
             if n_frames > 1:
                 raise MammogramError(path, f"multi-frame image ({n_frames} frames) is not supported")
-            if mode == "1":
-                raise MammogramError(path, "1-bit (binary) image: not a mammogram (a mask or a fax-style scan?)")
-            if mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
+            if mode not in ("L", "I;16", "I;16B", "I;16L", "I", "F", "1"):
                 raise MammogramError(
                     path, f"colour image (PIL mode {mode}) is not supported; save the mammogram as 8/16-bit grey-scale"
                 )
@@ -414,9 +433,10 @@ def _read_png(path: PathLike) -> tuple[np.ndarray, dict]:
         raise
     except Exception as e:
         raise MammogramError(path, f"corrupt or unreadable image file ({type(e).__name__}: {e})") from e
-    if arr.dtype == bool:
+    one_bit = arr.dtype == bool
+    if one_bit:
         arr = arr.astype(np.uint8)
-    bits = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16, np.dtype(">u2"): 16}.get(arr.dtype, 0)
+    bits = 1 if one_bit else {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16, np.dtype(">u2"): 16}.get(arr.dtype, 0)
     info = {"format": "png", "spacing": None, "bits_stored": bits, "photometric": "MONOCHROME2"}
     return arr, info
 
@@ -436,8 +456,8 @@ def _read_tiff(path: PathLike) -> tuple[np.ndarray, dict]:
                     path, f"colour image (TIFF photometric {photometric}, {page.samplesperpixel} samples) is not supported"
                 )
             bits = int(page.bitspersample)
-            if bits == 1:
-                raise MammogramError(path, "1-bit (binary) image: not a mammogram (a mask or a fax-style scan?)")
+            if len(page.shape) >= 2:
+                _check_size(path, int(page.shape[0]), int(page.shape[1]))
             arr = page.asarray()
     except MammogramError:
         raise
@@ -488,8 +508,14 @@ def _read_nifti(path: PathLike) -> tuple[np.ndarray, dict]:
 
     try:
         img = nib.load(str(path))
+        n_px = int(np.prod(img.shape)) if len(img.shape) else 0
+        if n_px > MAX_PIXELS:
+            raise MammogramError(path, f"image too large ({'x'.join(map(str, img.shape))} voxels; at most "
+                                 f"{MAX_PIXELS / 1e6:.0f} M): not a single mammogram")
         arr = np.asanyarray(img.dataobj)
         zooms = [float(z) for z in img.header.get_zooms()]
+    except MammogramError:
+        raise
     except Exception as e:
         raise MammogramError(path, f"corrupt or unreadable NIfTI file ({type(e).__name__}: {e})") from e
     if arr.dtype.fields is not None:
@@ -559,22 +585,41 @@ def _read_pixels(
     return arr, info
 
 
-def _check_grey_levels(arr: np.ndarray, path: PathLike) -> None:
-    """Refuse blank (one value) and binary (two values) images: neither can be a mammogram.
+def _grey_levels(arr: np.ndarray) -> tuple[int, float, float]:
+    """``(number of distinct values capped at 3, min, max)`` of a finite array, in two passes.
 
     Args:
         arr: the finite 2-D pixel array.
-        path: the file, for the message.
+    """
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        return 1, lo, hi
+    return (3 if bool(((arr > lo) & (arr < hi)).any()) else 2), lo, hi
+
+
+def check_grey_levels(meta: Mapping[str, Any]) -> None:
+    """Refuse blank (one value), binary (two values) and 1-bit images: none can be a mammogram.
+
+    Uses ``grey_levels``, ``value_range`` and ``bits_stored`` recorded by :func:`read_mammogram`
+    (labels are read by the same function and may be binary, so images are checked here, by
+    :class:`BreastMaskd`); meta data without ``grey_levels`` passes.
+
+    Args:
+        meta: the image's meta data.
 
     Raises:
         MammogramError: naming the file and what was found.
     """
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo == hi:
-        raise MammogramError(path, f"blank image: every pixel is {lo:g}; not a mammogram")
-    if not bool(((arr > lo) & (arr < hi)).any()):
+    path = _path_of(meta)
+    levels = meta.get("grey_levels")
+    lo, hi = (list(meta.get("value_range", (0.0, 0.0))) + [0.0, 0.0])[:2]
+    if int(meta.get("bits_stored", 0) or 0) == 1:
+        raise MammogramError(path, "1-bit (binary) image: not a mammogram (a mask or a fax-style scan?)")
+    if levels == 1:
+        raise MammogramError(path, f"blank image: every pixel is {float(lo):g}; not a mammogram")
+    if levels == 2:
         raise MammogramError(
-            path, f"binary image (only the grey levels {lo:g} and {hi:g}): not a mammogram (a mask?)"
+            path, f"binary image (only the grey levels {float(lo):g} and {float(hi):g}): not a mammogram (a mask?)"
         )
 
 
@@ -606,18 +651,21 @@ def read_mammogram(
     if spacing is not None and override is None:
         raise ValueError(f"invalid spacing override {spacing!r}; give a positive number or (row, col) in mm")
     sp = override if override is not None else info["spacing"]
-    if sp is None:
-        where = "PixelSpacing/ImagerPixelSpacing" if info["format"] == "dicom" else f"a {info['format'].upper()} file"
-        raise MammogramError(
-            path, f"no pixel spacing ({where} has none); give it with --pixel_spacing (mm), e.g. --pixel_spacing 0.07"
-        )
     arr = np.asarray(arr)
     if arr.dtype.kind == "f":
         arr = _handle_non_finite(arr, path, nan_policy)
     arr32 = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr32).all():  # e.g. float64 values beyond float32 range
         arr32 = _handle_non_finite(arr32, path, nan_policy)
-    _check_grey_levels(arr32, path)
+    levels, lo, hi = _grey_levels(arr32)
+    if sp is None:
+        if levels <= 2 or int(info["bits_stored"]) == 1:  # the more basic problem first
+            check_grey_levels({"filename_or_obj": str(path), "grey_levels": levels, "value_range": (lo, hi),
+                               "bits_stored": info["bits_stored"]})
+        where = "PixelSpacing/ImagerPixelSpacing" if info["format"] == "dicom" else f"a {info['format'].upper()} file"
+        raise MammogramError(
+            path, f"no pixel spacing ({where} has none); give it with --pixel_spacing (mm), e.g. --pixel_spacing 0.07"
+        )
     affine = torch.diag(torch.tensor([sp[0], sp[1], 1.0], dtype=torch.float64))
     meta = {
         "filename_or_obj": str(path),
@@ -633,6 +681,8 @@ def read_mammogram(
         "modality": info["modality"],
         "inverted": bool(info["inverted"]),
         "voi_applied": bool(info["voi_applied"]),
+        "grey_levels": int(levels),
+        "value_range": (lo, hi),
     }
     return _meta_tensor(torch.from_numpy(arr32)[None], affine, meta)
 
@@ -1196,6 +1246,7 @@ class BreastMaskd(MapTransform):
         t = _as_tensor(img)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise MammogramError(path, "image contains NaN/inf")
+        check_grey_levels(meta)
         sp = meta.get("working_spacing") or min(_spacing_pair(meta.get("spacing")) or (0.07, 0.07))
         pect = self.exclude_pectoral and str(meta.get("view", "")).upper() in self.pectoral_views
         structure = large_scale_structure(t[0])

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MammogramInference", "ensure_demo_data", "load_checkpoint"]
+from bundle.cli import check_command_line
+
+__all__ = ["MammogramInference", "check_command_line", "ensure_demo_data", "load_checkpoint", "invocation_config"]
 
 logger = logging.getLogger("mcref.inference")
 
@@ -133,6 +137,21 @@ class MammogramInference:
         hole_control: optional per-image operating point of the refinement's hole (same kind of
             callable, applied to SegAI's probability): the refiner then sees SegAI's map only
             inside the marks it keeps, so it verifies a bounded number of candidates per image.
+        pipeline: the :class:`bundle.pipeline.MCPipeline` that runs SegAI and the refiner; None
+            builds one from ``network``, ``inferer``, ``refiner``, ``threshold``,
+            ``refined_threshold``, ``hole_control``, ``false_alarm`` and ``device``.
+        resume: skip a case whose folder holds a completion marker (``case.json``) written with
+            the same settings, weights and input bytes; False recomputes every case.
+        cli: behave as the command line (``python -m monai.bundle run``): ``--help`` and unknown
+            options are handled when the runner is built (:func:`bundle.cli.check_command_line`),
+            setup problems end the process with one line on stderr and exit status 2, and the
+            exit status is 1 when any case failed. None: detected from ``sys.argv``.
+
+    Output folder (see :mod:`bundle.runstate`): each case is written into a hidden staging folder
+    and renamed to ``<case>`` as a whole once complete, with ``<case>/case.json`` (settings
+    fingerprint, bundle version, weights and input hashes, the summary row); ``run.json`` records
+    the run; ``summary.csv`` is rewritten after every case. Case folder names never collide with
+    each other or with the run's own files (:func:`bundle.runstate.case_names`).
     """
 
     def __init__(
@@ -160,7 +179,25 @@ class MammogramInference:
         max_cluster_panels: int = 4,
         false_alarm: Callable[..., dict] | None = None,
         hole_control: Callable[..., dict] | None = None,
+        pipeline: Any | None = None,
+        resume: bool = True,
+        cli: bool | None = None,
     ) -> None:
+        from bundle.cli import bundle_cli_argv, check_command_line
+
+        self.cli = bundle_cli_argv() is not None if cli is None else bool(cli)
+        if self.cli:
+            check_command_line()  # --help, unknown options: before anything is read or written
+        self.resume = bool(resume)
+        try:
+            _check_arguments(threshold=threshold, refined_threshold=refined_threshold, output_dir=output_dir,
+                             virtual_normal_range=virtual_normal_range)
+        except ValueError as e:
+            if self.cli:
+                from bundle.cli import fail
+
+                fail(str(e))
+            raise
         self.dataset_dir = dataset_dir or None
         self.output_dir = Path(output_dir)
         self.preprocessing = preprocessing
@@ -185,13 +222,35 @@ class MammogramInference:
         self.cluster_panel_crop = int(cluster_panel_crop)
         self.max_cluster_panels = int(max_cluster_panels)
         self.rows: list[dict[str, Any]] = []
+        if pipeline is None:
+            from bundle.pipeline import MCPipeline
+
+            pipeline = MCPipeline(
+                network, inferer, refiner, threshold=threshold, refined_threshold=refined_threshold,
+                hole_control=hole_control, false_alarm=false_alarm, device=device,
+            )
+        self.pipeline = pipeline
 
     # ------------------------------------------------------------------ inputs
     def input_files(self) -> list[Path]:
-        """The files this run will process (demo phantoms when no dataset is given)."""
-        folder = Path(self.dataset_dir) if self.dataset_dir else Path(ensure_demo_data(self.demo_dir))
+        """The files this run will process (demo phantoms when no dataset is given).
+
+        ``dataset_dir`` may be one file. In a folder, hidden files, label files (``*_label.*``)
+        and lists/notes (``.json``, ``.csv``, ``.txt``, ``.md``, ``.xml``, ``.log``) are skipped;
+        every other file gets a row, images or not.
+
+        Raises:
+            RunSetupError: when ``dataset_dir`` does not exist or holds no file to process.
+        """
+        from bundle.runstate import RunSetupError
+
+        folder = Path(self.dataset_dir).expanduser() if self.dataset_dir else Path(ensure_demo_data(self.demo_dir))
+        if folder.is_file():
+            return [folder]
+        if not folder.exists():
+            raise RunSetupError(f"{folder}: dataset_dir not found; pass an existing folder with --dataset_dir")
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: dataset_dir is not a folder")
+            raise RunSetupError(f"{folder}: dataset_dir is neither a folder nor a file")
         skip_suffixes = (".json", ".csv", ".txt", ".md", ".xml", ".log")
         files = []
         for p in sorted(folder.iterdir()):
@@ -200,6 +259,8 @@ class MammogramInference:
             if p.name.lower().endswith(skip_suffixes) or "_label." in p.name:
                 continue
             files.append(p)
+        if not files:
+            raise RunSetupError(f"{folder}: dataset_dir holds no file to process")
         return files
 
     # ------------------------------------------------------------------ one case
@@ -217,57 +278,42 @@ class MammogramInference:
         d = self.preprocessing({"image": str(path)})
         image = d["image"]
         breast = d.get("breast")
-        x = image[None].to(self.device)
-        bm = breast[None].to(self.device) if breast is not None else None
-        self.network.eval()
-        prob = self.inferer(x, self.network, breast=bm)[0].cpu()
-        d["prob"] = _like(image, prob)
-        d["mask"] = _like(image, (prob >= self.threshold).to(torch.float32))
-        keys = ["prob", "mask"]
-        if self.refiner is not None:
-            img2 = torch.as_tensor(np.asarray(image[0].cpu()))
-            b2 = None if breast is None else np.asarray(breast[0].cpu()) > 0
-            seg = prob[0].numpy()
-            extra: dict[str, Any] = {}
-            if self.hole_control is not None:  # the refiner sees only the marks the control keeps
-                hc = self.hole_control(seg, b2)
-                seg = seg * np.asarray(hc["mask"], dtype=seg.dtype)
-                extra["hole_threshold_image"] = round(float(hc["threshold"]), 6)
-            out = self.refiner(img2.numpy(), seg, b2)
-            rp = torch.as_tensor(np.asarray(out["prob"], dtype=np.float32))[None]
-            d["refined_prob"] = _like(image, rp)
-            if self.false_alarm is not None:
-                fa = self.false_alarm(rp[0].numpy(), b2)
-                rm = torch.as_tensor(np.asarray(fa["mask"], dtype=np.float32))[None]
-                extra["refined_threshold_image"] = round(float(fa["threshold"]), 6)
-            d["_row_extra"] = extra
-            if self.false_alarm is None:
-                rm = (rp >= self.refined_threshold).to(torch.float32)
-            d["refined_mask"] = _like(image, rm)
-            keys += ["refined_prob", "refined_mask"]
-            if out.get("virtual_normal") is not None:
-                d["virtual_normal"] = _like(image, torch.as_tensor(np.asarray(out["virtual_normal"], dtype=np.float32))[None])
-                keys.append("virtual_normal")
+        maps = self.pipeline(image, breast)
+        keys = []
+        for k in ("prob", "mask", "refined_prob", "refined_mask", "virtual_normal"):
+            if maps.get(k) is not None:
+                d[k] = _like(image, torch.as_tensor(np.asarray(maps[k], dtype=np.float32))[None])
+                keys.append(k)
+        if "refined_prob" in maps:
+            d["_row_extra"] = dict(maps.get("extras", {}))
         d["image_work"] = image
         if self.postprocessing is not None:
             d = self.postprocessing(d)
         d["_output_keys"] = keys
         return d
 
-    def write_case(self, stem: str, d: dict[str, Any], source: Path) -> dict[str, Any]:
+    def write_case(self, stem: str, d: dict[str, Any], source: Path, case_dir: Path | None = None) -> dict[str, Any]:
         """Write the output files of one case atomically and return its summary row.
 
         Besides the maps: ``<stem>_clusters.csv`` (one row per cluster of the final mask, the
         refined one when present, strongest first; header only when there is none),
         ``<stem>_overlay.png`` (marks outlined) and ``<stem>_clusters.png`` (full-resolution zoom
         panels around the strongest clusters). The row gets ``marks`` (connected components of the
-        final mask) and ``clusters``.
+        final mask) and ``clusters``. The derived DICOM is optional: when it cannot be made (e.g.
+        highdicom refuses the source's header) a warning naming the file is issued and the maps
+        stand.
+
+        Args:
+            stem: the case name (file names are ``<stem>_<map>``).
+            d: :meth:`predict`'s result.
+            source: the input file (never overwritten).
+            case_dir: where to write; default ``output_dir/<stem>`` (:meth:`run` passes a staging folder).
         """
         from bundle.clusters import cluster_table, mark_table
         from bundle.data import save_nifti_atomic
         from bundle.reports import cluster_panels_png, grey_levels, overlay_png, write_csv_atomic
 
-        case_dir = self.output_dir / stem
+        case_dir = self.output_dir / stem if case_dir is None else Path(case_dir)
         case_dir.mkdir(parents=True, exist_ok=True)
         spacing = tuple(float(s) for s in d["image"].meta.get("spacing", (1.0, 1.0)))
         row: dict[str, Any] = {}
@@ -284,7 +330,15 @@ class MammogramInference:
             saved[key] = arr
             save_nifti_atomic(arr, case_dir / f"{stem}_{key}.nii.gz", spacing=spacing, protect=[source])
             if key == "virtual_normal" and self.save_virtual_normal_dicom:
-                self._write_virtual_normal_dicom(arr, case_dir / f"{stem}_virtual_normal.dcm", source)
+                try:
+                    self._write_virtual_normal_dicom(arr, case_dir / f"{stem}_virtual_normal.dcm", source)
+                except Exception as e:  # an optional derived object: the maps are the product
+                    from bundle.data import MammogramError
+
+                    if isinstance(e, MammogramError):
+                        raise
+                    warnings.warn(f"{source}: {stem}_virtual_normal.dcm not written ({type(e).__name__}: {e}); "
+                                  "the maps are complete", stacklevel=2)
         mask_key, score_key = ("refined_mask", "refined_prob") if "refined_mask" in saved else ("mask", "prob")
         final = saved[mask_key] > 0
         _, marks = mark_table(final, saved.get(score_key), spacing)
@@ -332,50 +386,285 @@ class MammogramInference:
         write_dataset_atomic(sc, path)
 
     # ------------------------------------------------------------------ batch
+    def settings(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """What decides this runner's outputs, JSON-friendly, and the hashes of the weights in it.
+
+        Every public attribute except the folders and the run options (``progress``, ``resume``,
+        ``cli``), described by :func:`bundle.runstate.describe`: thresholds, the preprocessing
+        chain's parameters, the inferer, refiner and controls with their parameters, the networks
+        by class and weights hash, the bundle version.
+
+        Returns:
+            ``(settings, {attribute path: weights sha256})``.
+        """
+        from bundle.runstate import describe
+
+        weights: dict[str, str] = {}
+        skip = {"dataset_dir", "output_dir", "demo_dir", "progress", "rows", "resume", "cli"}
+        attrs = {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_") and k not in skip}
+        return describe(attrs, weights), weights
+
     def run(self) -> list[dict[str, Any]]:
         """Process every input; failures are logged and recorded, the batch goes on.
 
+        The output folder is checked (created, writable, not a file) and locked before any input
+        is read; leftovers of a killed run are removed; finished cases with the same settings are
+        skipped (``resume``); each case folder is replaced as a whole; ``summary.csv`` is rewritten
+        after every case and ``run.json`` records the run. Warnings raised while a case runs go to
+        its row (``warnings``) and the log, naming the file.
+
         Returns:
             One summary row per input (also written to ``output_dir/summary.csv``).
+
+        Raises:
+            RunSetupError: the output or input folder is unusable (as the command line: one line
+                on stderr, exit status 2). As the command line, the exit status is 1 when any case
+                failed (after the summary is written).
         """
-        from bundle.data import MammogramError
+        from bundle.runstate import RunSetupError
+
+        try:
+            rows = self._run()
+        except RunSetupError as e:
+            if self.cli:
+                from bundle.cli import fail
+
+                fail(str(e))
+            raise
+        n_fail = sum(r["status"] != "ok" for r in rows)
+        if self.cli and n_fail:
+            from bundle.cli import fail
+
+            fail(f"{n_fail} of {len(rows)} cases failed; see {self.output_dir / 'summary.csv'}", code=1)
+        return rows
+
+    def _run(self) -> list[dict[str, Any]]:
         from bundle.reports import write_csv_atomic
+        from bundle.runstate import (
+            case_names,
+            check_output_dir,
+            clean_stale,
+            current_umask,
+            fingerprint,
+            honour_umask,
+            new_run_id,
+            output_lock,
+        )
 
-        files = self.input_files()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.rows = []
-        iterator: Any = files
-        if self.progress:
-            from tqdm.auto import tqdm
+        umask = current_umask()
+        out = check_output_dir(self.output_dir)
+        with output_lock(out):
+            files = self.input_files()
+            reserved = []
+            for folder in (self.dataset_dir, self.demo_dir):
+                if folder:
+                    try:
+                        reserved.append(Path(folder).resolve().relative_to(out.resolve()).parts[0])
+                    except (ValueError, IndexError):
+                        pass
+            names = case_names(files, out, reserved)
+            for msg in clean_stale(out, names.values()):
+                logger.info(msg)
+            settings, weights = self.settings()
+            run = {
+                "run_id": new_run_id(),
+                "status": "running",
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "finished": None,
+                "bundle_version": self.version,
+                "settings_sha256": fingerprint(settings),
+                "weights_sha256": weights,
+                "command": list(sys.argv) if self.cli else None,
+                "dataset_dir": str(self.dataset_dir or self.demo_dir),
+                "output_dir": str(out),
+                "cases": len(files),
+                "settings": settings,
+            }
+            _write_run_record(out, run, umask)
+            self.rows = []
+            iterator: Any = files
+            if self.progress:
+                from tqdm.auto import tqdm
 
-            iterator = tqdm(files, desc="cases", unit="case")
-        for f in iterator:
-            stem = _stem(f)
-            t0 = time.perf_counter()
-            row: dict[str, Any] = {"case": stem, "input": str(f)}
-            try:
-                d = self.predict(f)
-                row.update(self.write_case(stem, d, f))
-                row.update(d.get("_row_extra", {}))
-                row["status"] = "ok"
-                row["error"] = ""
-            except Exception as e:  # keep the batch alive, but say what broke
-                cause = _input_problem(e, MammogramError)
-                if cause is not None:
-                    row.update(status="failed", error=str(cause))
-                    logger.error("case %s failed: %s", stem, cause)
-                else:
-                    row.update(status="failed", error=f"{f}: {type(e).__name__}: {e}")
-                    logger.exception("case %s failed", stem)
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            self.rows.append(row)
-        write_csv_atomic(self.rows, self.output_dir / "summary.csv")
-        n_fail = sum(r["status"] != "ok" for r in self.rows)
-        logger.info("%d cases, %d failed; summary in %s", len(self.rows), n_fail, self.output_dir / "summary.csv")
+                iterator = tqdm(files, desc="cases", unit="case")
+            summary = out / "summary.csv"
+            for f in iterator:
+                self.rows.append(self._run_case(f, names[str(f)], out, run, umask))
+                write_csv_atomic(self.rows, summary)  # a killed run still leaves the rows so far
+                honour_umask([summary], umask)
+            n_fail = sum(r["status"] != "ok" for r in self.rows)
+            run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       ok=len(self.rows) - n_fail, failed=n_fail, reused=sum(bool(r.get("reused")) for r in self.rows))
+            _write_run_record(out, run, umask)
+        logger.info("%d cases, %d failed, %d reused from an earlier run; summary in %s", len(self.rows), n_fail,
+                    run["reused"], summary)
         for r in self.rows:
             if r["status"] != "ok":
                 logger.warning("FAILED %s: %s", r["case"], r["error"])
         return self.rows
+
+    def _run_case(self, f: Path, name: str, out: Path, run: dict[str, Any], umask: int) -> dict[str, Any]:
+        """One case: reuse a finished folder, or compute it into a staging folder and put that in place.
+
+        Args:
+            f: the input file.
+            name: its case folder name.
+            out: the output folder.
+            run: the run record (``run_id``, ``settings_sha256``, ``weights_sha256``, ...).
+            umask: the process umask (output permissions).
+
+        Returns:
+            The summary row.
+        """
+        from bundle.data import MammogramError
+        from bundle.runstate import (
+            MARKER_NAME,
+            commit_case,
+            discard,
+            file_sha256,
+            honour_umask,
+            read_marker,
+            staging_dir,
+            write_json_atomic,
+        )
+
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"case": name, "input": str(f)}
+        final = out / name
+        staging: Path | None = None
+        reused = False
+        input_sha = ""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for category in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", category=category)
+            # pydicom's nag about single-component person names (e.g. "ANON") says nothing about the maps
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+            try:
+                input_sha = file_sha256(f)
+                marker = read_marker(final) if self.resume else None
+                if _finished(marker, name, run["settings_sha256"], input_sha, final):
+                    row = {**marker["row"], "case": name, "input": str(f)}
+                    reused = True
+                else:
+                    d = self.predict(f)
+                    staging = staging_dir(out, name, run["run_id"])
+                    row.update(self.write_case(name, d, f, case_dir=staging))
+                    row.update(d.get("_row_extra", {}))
+                    row.update(status="ok", error="")
+            except Exception as e:  # keep the batch alive, but say what broke
+                discard(staging)
+                staging = None
+                cause = _input_problem(e, MammogramError)
+                if cause is not None:
+                    row.update(status="failed", error=str(cause))
+                    logger.error("case %s failed: %s", name, cause)
+                else:
+                    row.update(status="failed", error=f"{f}: {type(e).__name__}: {e}")
+                    logger.exception("case %s failed", name)
+        if not reused:
+            texts = _warning_texts(caught, f)
+            for text in texts:
+                logger.warning("%s", text)
+            row["warnings"] = " | ".join(texts)
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+        row["reused"] = reused
+        if staging is not None:  # complete: marker, permissions, then the folder as a whole
+            try:
+                marker = {
+                    "case": name,
+                    "input": str(f),
+                    "input_sha256": input_sha,
+                    "run_id": run["run_id"],
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "bundle_version": self.version,
+                    "settings_sha256": run["settings_sha256"],
+                    "weights_sha256": run["weights_sha256"],
+                    "outputs": sorted(p.name for p in staging.iterdir()),
+                    "row": {k: v for k, v in row.items() if k != "reused"},
+                }
+                write_json_atomic(marker, staging / MARKER_NAME, umask)
+                honour_umask([staging], umask)
+                commit_case(staging, final, run["run_id"])
+            except OSError as e:
+                discard(staging)
+                row.update(status="failed", error=f"{final}: cannot put the case folder in place ({e})")
+                logger.error("case %s failed: %s", name, row["error"])
+        return row
+
+
+_QUIET_WARNINGS: tuple[type[Warning], ...] = (
+    DeprecationWarning, PendingDeprecationWarning, FutureWarning, ResourceWarning, ImportWarning,
+)
+"""Library warning kinds that say nothing about a case (left out of its row)."""
+
+
+def _warning_texts(caught: Sequence[warnings.WarningMessage], source: Path) -> list[str]:
+    """The distinct messages of the warnings caught during one case, each naming the file."""
+    texts: list[str] = []
+    for w in caught:
+        if issubclass(w.category, _QUIET_WARNINGS):
+            continue
+        msg = " ".join(str(w.message).split())
+        if str(source) not in msg:
+            msg = f"{source}: {msg}"
+        if msg not in texts:
+            texts.append(msg)
+    return texts
+
+
+def _finished(marker: Mapping[str, Any] | None, name: str, settings_sha: str, input_sha: str, folder: Path) -> bool:
+    """Whether a case folder's marker says it is complete for these settings and this input."""
+    if not marker or not isinstance(marker.get("row"), Mapping):
+        return False
+    if marker.get("case") != name or marker.get("settings_sha256") != settings_sha:
+        return False
+    if marker.get("input_sha256") != input_sha or marker["row"].get("status") != "ok":
+        return False
+    outputs = marker.get("outputs")
+    return isinstance(outputs, list) and all((folder / str(n)).is_file() for n in outputs)
+
+
+def _write_run_record(out: Path, run: Mapping[str, Any], umask: int) -> None:
+    """Write ``out/run.json``; an earlier run's record is first moved to ``out/runs/<run id>.json``
+    (marked ``interrupted`` when it never finished)."""
+    import json
+
+    from bundle.runstate import write_json_atomic
+
+    path = out / "run.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("run_id") and old.get("run_id") != run["run_id"]:
+        if old.get("status") == "running":
+            old["status"] = "interrupted"
+        runs = out / "runs"
+        runs.mkdir(exist_ok=True)
+        write_json_atomic(old, runs / f"{old['run_id']}.json", umask)
+    write_json_atomic(dict(run), path, umask)
+
+
+def _check_arguments(threshold: float, refined_threshold: float, output_dir: Any,
+                     virtual_normal_range: Sequence[float]) -> None:
+    """Refuse runner arguments that cannot work, with a message naming the option.
+
+    Raises:
+        ValueError: one line naming the option and the value.
+    """
+    for key, value in (("threshold", threshold), ("refined_threshold", refined_threshold)):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{key} must be a number in [0, 1], got {value!r}") from None
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"--{key} must be in [0, 1], got {value!r}")
+    if output_dir is None or str(output_dir).strip() == "":
+        raise ValueError("--output_dir is empty; give a folder for the outputs")
+    lo, hi = (float(v) for v in virtual_normal_range)
+    if not hi > lo:
+        raise ValueError(f"virtual_normal_range must be (lo, hi) with hi > lo, got {tuple(virtual_normal_range)}")
 
 
 def _input_problem(exc: BaseException, kind: type) -> BaseException | None:
@@ -392,11 +681,10 @@ def _input_problem(exc: BaseException, kind: type) -> BaseException | None:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".tiff", ".tif", ".mha", ".mhd"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    """The file name without its image extension (see :func:`bundle.runstate.case_stem`)."""
+    from bundle.runstate import case_stem
+
+    return case_stem(path)
 
 
 def _like(ref: torch.Tensor, data: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bundle_run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def bundle_run(*args: str, timeout: int = 600, expect: int = 0) -> subprocess.CompletedProcess:
+    """Run the bundle command; ``expect`` is its exit status (1: some case failed, by design)."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
+    if p.returncode != expect:
         raise AssertionError(f"bundle run failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
 
@@ -48,8 +49,9 @@ def test_inference_outputs_follow_the_contract(phantom_dir, tmp_path):
     out = tmp_path / "out"
     (phantom_dir / "broken.dcm").write_bytes(b"DICM but not really a DICOM file")
     before = {p.name: p.read_bytes() for p in phantom_dir.iterdir() if p.is_file()}
-    bundle_run("--config_file", "configs/inference.json", "--dataset_dir", str(phantom_dir), "--output_dir", str(out),
-               "--refine", "False")
+    p = bundle_run("--config_file", "configs/inference.json", "--dataset_dir", str(phantom_dir), "--output_dir", str(out),
+                   "--refine", "False", expect=1)  # broken.dcm failed: the exit status says so
+    assert "1 of 3 cases failed" in p.stderr
     rows = {r["case"]: r for r in read_summary(out)}
     assert rows["broken"]["status"] == "failed" and "broken.dcm" in rows["broken"]["error"]
     thr = float(json.loads((ROOT / "configs" / "inference.json").read_text())["threshold"])
