@@ -267,11 +267,41 @@ def _segmentation(
         omit_empty_frames=False,
         **extra,
     )
+    _complete_pixel_measures(seg, source)
     lat = _laterality(source)
     if lat is not None:
         seg.Laterality = lat  # General Series: the breast (a paired structure) this SEG is of
     seg.BodyPartExamined = str(source.get("BodyPartExamined", "") or "BREAST")
     return seg
+
+
+def _complete_pixel_measures(seg: Any, source: Any) -> None:
+    """Make the shared Pixel Measures item of a single-frame SEG readable by highdicom.
+
+    highdicom copies PixelSpacing of the source into a Pixel Measures item without SliceThickness
+    (DICOM asks for it only with a Frame of Reference, which mammograms lack), but its reader
+    (``segread``) then refuses the file. SliceThickness becomes the source's BodyPartThickness
+    (compressed breast thickness, the depth a projection image covers) or SliceThickness; with
+    neither, the item is dropped, as highdicom does for sources without PixelSpacing, and readers
+    take the geometry from the referenced source image.
+    """
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    if not shared or "PixelMeasuresSequence" not in shared[0]:
+        return
+    item = shared[0].PixelMeasuresSequence[0]
+    if "SliceThickness" in item:
+        return
+    for kw in ("BodyPartThickness", "SliceThickness"):
+        try:
+            value = float(source.get(kw) or 0.0)
+        except (TypeError, ValueError):
+            value = 0.0
+        if np.isfinite(value) and value > 0:
+            from pydicom.valuerep import format_number_as_ds
+
+            item.SliceThickness = format_number_as_ds(value)
+            return
+    del shared[0].PixelMeasuresSequence
 
 
 def make_seg(source: Any, mask: np.ndarray, version: str, kind: str = "seg", manufacturer: str = "mcref") -> Any:

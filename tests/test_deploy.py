@@ -179,6 +179,38 @@ def test_writer_keeps_every_output_inside_the_output_folder(tmp_path):
     assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == ".."
 
 
+def test_segs_of_pixel_spacing_sources_read_back(tmp_path):
+    """Sources with PixelSpacing (with or without BodyPartThickness) give SEGs that highdicom reads."""
+    import highdicom as hd
+
+    from bundle.dicom import FRACTIONAL_MAX, make_fractional_seg, make_seg
+    from bundle.phantom import make_phantom, write_mg_dicom
+
+    ph = make_phantom(shape=(96, 80), view="MLO", laterality="R", seed=5)
+    src = tmp_path / "src.dcm"
+    write_mg_dicom(src, ph["image"].astype(np.uint16), spacing=0.07, laterality="R", view="MLO", seed=5,
+                   patient_id="PX", use_imager_spacing=False)
+    rng = np.random.default_rng(1)
+    prob = rng.random((96, 80)).astype(np.float32)
+    for thickness in (None, 42.5):
+        ds = pydicom.dcmread(src)
+        assert "PixelSpacing" in ds
+        if thickness is not None:
+            ds.BodyPartThickness = thickness
+        for make, values in ((make_seg, prob > 0.9), (make_fractional_seg, prob)):
+            f = tmp_path / f"{make.__name__}_{thickness}.dcm"
+            make(ds, values, "t").save_as(f)
+            seg = hd.seg.segread(f)
+            got = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
+            assert np.abs(got.astype(np.float64) - values).max() <= 0.5 / FRACTIONAL_MAX + 1e-6
+            measures = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")
+            if thickness is None:
+                assert measures is None
+            else:
+                assert [float(v) for v in measures[0].PixelSpacing] == [0.07, 0.07]
+                assert float(measures[0].SliceThickness) == thickness
+
+
 def test_pipeline_without_refinement_is_refused():
     from deploy.mcref_app.pipeline import PipelineOutputError, result_arrays
 
