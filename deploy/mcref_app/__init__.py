@@ -1,9 +1,11 @@
-"""mcref MONAI Deploy application: microcalcification SEG and probability map for DICOM mammograms.
+"""mcref MONAI Deploy application: the bundle's two-stage pipeline on DICOM mammograms; the refined
+microcalcification mask as a DICOM SEG, the refined probability as a FRACTIONAL SEG and the
+virtual normal image as a derived image.
 
 Entry point: ``python -m deploy.mcref_app -i IN -o OUT [--bundle PATH]`` (see ``docs/deploy.md``).
 The SDK (``monai-deploy-app-sdk``) is imported only by :mod:`deploy.mcref_app.app` and
-:mod:`deploy.mcref_app.operators`; :mod:`deploy.mcref_app.dicom_out` and
-:mod:`deploy.mcref_app.bundle_io` work without it.
+:mod:`deploy.mcref_app.operators`; ``bundle_io``, ``pipeline``, ``writer``, ``inputs``, ``cases``
+and ``dicom_out`` work without it.
 """
 
 __all__ = ["MCRefApp", "main"]
