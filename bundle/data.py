@@ -662,9 +662,10 @@ def read_mammogram(
         if levels <= 2 or int(info["bits_stored"]) == 1:  # the more basic problem first
             check_grey_levels({"filename_or_obj": str(path), "grey_levels": levels, "value_range": (lo, hi),
                                "bits_stored": info["bits_stored"]})
-        where = "PixelSpacing/ImagerPixelSpacing" if info["format"] == "dicom" else f"a {info['format'].upper()} file"
+        where = ("PixelSpacing/ImagerPixelSpacing missing or not positive" if info["format"] == "dicom"
+                 else f"a {info['format'].upper()} file has none")
         raise MammogramError(
-            path, f"no pixel spacing ({where} has none); give it with --pixel_spacing (mm), e.g. --pixel_spacing 0.07"
+            path, f"no pixel spacing ({where}); give it with --pixel_spacing (mm), e.g. --pixel_spacing 0.07"
         )
     affine = torch.diag(torch.tensor([sp[0], sp[1], 1.0], dtype=torch.float64))
     meta = {
