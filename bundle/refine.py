@@ -49,6 +49,7 @@ __all__ = [
     "method_label",
     "method_needs",
     "build_refiner",
+    "refiner_arguments",
     "sp1_gaussian_blur_difference",
     "sp2_white_tophat",
     "sp_refine_with_segai",
@@ -723,12 +724,28 @@ class RefinerSpec:
     def __call__(self, **kwargs: Any) -> Refiner:
         kw = {**dict(self.defaults), **kwargs}
         ref = self.factory(**kw)
-        for attr in ("name", "label", "needs", "operating_point"):
-            try:
+        try:
+            for attr in ("name", "label", "needs", "operating_point"):
                 setattr(ref, attr, getattr(self, attr))
-            except (AttributeError, TypeError):  # e.g. a bound method: the spec stays the source
-                pass
+        except (AttributeError, TypeError):  # e.g. a bound method: wrap it so it still describes itself
+            ref = _DescribedRefiner(ref, self)
         return ref
+
+
+class _DescribedRefiner:
+    """A refiner that cannot carry attributes (a bound method), with its spec's description.
+
+    Args:
+        fn: the refiner callable.
+        spec: its registry entry.
+    """
+
+    def __init__(self, fn: Callable[..., Any], spec: RefinerSpec) -> None:
+        self.fn = fn
+        self.name, self.label, self.needs, self.operating_point = spec.name, spec.label, spec.needs, spec.operating_point
+
+    def __call__(self, image: Any, segai_prob: Any = None, breast: Any = None) -> Any:
+        return self.fn(image, segai_prob, breast)
 
 
 #: name -> :class:`RefinerSpec`. A method registers itself where it is defined with
@@ -812,6 +829,27 @@ def build_refiner(name: str, **kwargs: Any) -> Refiner:
         a :class:`Refiner` carrying ``name``, ``label``, ``needs`` and ``operating_point``.
     """
     return refiner_spec(name)(**kwargs)
+
+
+def refiner_arguments(
+    name: str, kwargs_by_method: Mapping[str, Mapping[str, Any]] | None = None, inpainter: Any | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for ``build_refiner(name, ...)`` from a config's per-method block.
+
+    Args:
+        name: registry name.
+        kwargs_by_method: ``{method: {argument: value}}`` (``refiner_kwargs`` in the configs).
+        inpainter: the inpainting network, passed as ``net`` to methods that need one.
+
+    Raises:
+        ValueError: when the method needs an inpainter and none is given.
+    """
+    kw = dict((kwargs_by_method or {}).get(name, {}) or {})
+    if "inpainter" in refiner_spec(name).needs:
+        if inpainter is None and "inpaint_fn" not in kw:
+            raise ValueError(f"refiner {name!r} needs the inpainter; set inpainter_ckpt_path")
+        kw.setdefault("net", inpainter)
+    return kw
 
 
 register_refiner("segai", SegAIRefiner, label="SegAI", operating_point=0.05,
