@@ -1383,26 +1383,24 @@ class ActivationRate(Metric):
 def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | os.PathLike | None = None) -> str:
     """
     MLflow tracking URI: ``tracking_uri`` if given, else ``$MLFLOW_TRACKING_URI``, else
-    ``sqlite:///<output_dir>/mlruns.db`` (``output_dir`` defaults to the working directory).
+    ``sqlite:///<output_dir>/mlruns.db`` (``output_dir`` defaults to the working directory). An
+    ``http(s)`` server that does not answer within seconds is replaced by that local store, with one
+    warning (see :func:`bundle.tracking.resolve_tracking_uri`, which the configs call with the
+    bundle's single default store ``<bundle_root>/eval``).
 
     Args:
         tracking_uri: explicit URI.
         output_dir: folder of the default SQLite database.
 
     """
-    if tracking_uri:
-        return str(tracking_uri)
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    from monai.utils import path_to_sqlite_uri
+    from bundle.tracking import resolve_tracking_uri as _resolve
 
-    folder = Path(output_dir if output_dir is not None else os.getcwd()).absolute()
-    return str(path_to_sqlite_uri(str(folder / "mlruns.db")))
+    return _resolve(tracking_uri, Path(output_dir if output_dir is not None else os.getcwd()))
 
 
-def _mlflow_handler_on(engine: Engine) -> Any | None:
-    """A MONAI ``MLFlowHandler`` registered on ``engine`` (found through its bound methods), or None."""
+def _mlflow_handler_on(engine: Engine, exclude: Any | None = None) -> Any | None:
+    """A MONAI ``MLFlowHandler`` registered on ``engine`` (found through its bound methods) other
+    than ``exclude``, or None."""
     try:
         from monai.handlers import MLFlowHandler
     except ImportError:  # pragma: no cover
@@ -1414,7 +1412,7 @@ def _mlflow_handler_on(engine: Engine) -> Any | None:
             fn = entry[0] if isinstance(entry, tuple) else entry
             for _ in range(4):  # unwrap event filters / functools.wraps
                 owner = getattr(fn, "__self__", None)
-                if isinstance(owner, MLFlowHandler):
+                if isinstance(owner, MLFlowHandler) and owner is not exclude:
                     return owner
                 nxt = getattr(fn, "__wrapped__", None) or getattr(fn, "func", None)
                 if nxt is None:
