@@ -1300,6 +1300,9 @@ class MCStudy:
         dataset_note: one line describing the data set in the report.
         extra_refiners: ready refiners by name (see :func:`build_study_refiners`).
         progress: progress bar over cases.
+        weights: further weights files (name -> path) named and hashed in the MLflow run identity
+            (the SegAI and inpainter checkpoints always are).
+        dataset_name: data set name in the MLflow runs (default: the folder of the first datalist).
     """
 
     def __init__(
@@ -1330,6 +1333,8 @@ class MCStudy:
         dataset_note: str = "",
         extra_refiners: Mapping[str, Callable[..., dict]] | None = None,
         progress: bool = True,
+        weights: Mapping[str, str | os.PathLike | None] | None = None,
+        dataset_name: str | None = None,
     ) -> None:
         self.datalists = [datalists] if isinstance(datalists, (str, os.PathLike)) else list(datalists or [])
         self.output_dir = Path(output_dir)
@@ -1357,6 +1362,8 @@ class MCStudy:
         self.dataset_note = dataset_note
         self.extra_refiners = dict(extra_refiners or {})
         self.progress = progress
+        self.weights = dict(weights or {})
+        self.dataset_name = dataset_name
         self.result: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ inputs
@@ -2058,25 +2065,31 @@ class MCStudy:
         return "\n".join(parts)
 
     def _log_mlflow(self) -> dict[str, str]:
-        """One run per method (metrics, params, per-case/object/FROC CSVs, panels) and a summary run
-        (tables, curves, report, results.md, config) in one experiment; all tagged with a study id."""
+        """One parent run for the study (role ``summary``: tables via ``log_table``, curves, report,
+        results.md, resolved config) and one child run per method (metrics, params, per-case table,
+        per-case/object/FROC CSVs, panels), all with the run identity of :mod:`bundle.tracking`
+        (weights hashes, bundle version, git commit, data set digest, versions) and tagged with a study id."""
         import mlflow
         from mlflow.entities import Metric, Param, RunTag
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        from bundle.tracking import find_live_parser, get_or_create_experiment, log_identity, ui_hint
 
         r = self.result
         s = self.settings
         uri = resolve_tracking_uri(self.tracking_uri, self.output_dir)
         client = mlflow.MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(self.experiment_name)
-        if exp is None:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").absolute().as_uri()
-            exp_id = client.create_experiment(self.experiment_name, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
+        exp_id = get_or_create_experiment(client, self.experiment_name, uri)
         study_id = time.strftime("%Y%m%d-%H%M%S")
         now = int(time.time() * 1000)
+        weights = {"segai": self.ckpt_path, "inpainter": self.inpainter_ckpt_path, **self.weights}
+        items = self.load_items()
+        datasets = {"evaluation": items}
+        first = next((d for d in self.datalists if d), None)
+        dataset_name = self.dataset_name or (Path(str(first)).absolute().parent.name if first else None)
+        source = str(Path(str(first)).absolute()) if first else None
+        bundle_root = Path(__file__).resolve().parents[1]
+        parser = find_live_parser()
         common = {
             "n_cases": str(r["n_cases"]), "n_with_mcs": str(r["n_with_mcs"]),
             "datalists": ";".join(str(d) for d in self.datalists if d)[:5000],
@@ -2086,55 +2099,77 @@ class MCStudy:
         for k, v in dataclasses.asdict(s).items():
             common[f"study.{k}"] = json.dumps(v)[:5000]
         runs: dict[str, str] = {}
+        base_tags = {"mcref.study_id": study_id, "mcref.command": self._command()[:5000]}
 
-        def start(name: str, role: str) -> str:
-            run = client.create_run(exp_id, run_name=name, tags={"mcref.study_id": study_id, "mcref.role": role,
-                                                                 "mcref.command": self._command()[:5000]})
-            return run.info.run_id
+        def table(rows: Any) -> dict[str, list] | None:
+            if not isinstance(rows, list) or not rows or not all(isinstance(x, Mapping) for x in rows):
+                return None
+            cols = list(dict.fromkeys(k for x in rows for k in x))
+            return {c: [x.get(c) if isinstance(x.get(c), (int, float, str, bool)) or x.get(c) is None else str(x.get(c))
+                        for x in rows] for c in cols}
 
-        for m in r["methods"]:
-            rid = start(m, "method")
-            status = "FINISHED"
-            try:
-                metrics = [Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in r["metrics"][m].items()
-                           if isinstance(v, (int, float))]
-                for k, p in r["pvalues"][m].items():
-                    metrics.append(Metric(f"p_vs_ref_{k}", float(p), now, 0))
-                rk = json.dumps(self.refiner_kwargs.get(m, {}), default=str)[:5000]
-                own = {"method": m, "threshold": str(s.threshold_for(m)), "refiner_kwargs": rk}
-                params = [Param(k, v) for k, v in {**common, **own}.items()]
-                for i in range(0, len(metrics), 900):
-                    client.log_batch(rid, metrics=metrics[i:i + 900], params=params if i == 0 else [],
-                                     tags=[RunTag("mcref.method_label", method_label(m))] if i == 0 else [])
-                mdir = self.output_dir / m
-                for fn in ("per_case.csv", "objects.csv", "froc.csv"):
-                    if (mdir / fn).is_file():
-                        client.log_artifact(rid, str(mdir / fn))
-                if (mdir / "panels").is_dir():
-                    client.log_artifacts(rid, str(mdir / "panels"), "panels")
-                client.log_artifact(rid, str(self.results_md))
-            except Exception:
-                status = "FAILED"
-                raise
-            finally:
-                client.set_terminated(rid, status)
-            runs[m] = rid
-        rid = start("summary", "summary")
+        parent = client.create_run(exp_id, run_name="summary", tags={**base_tags, "mcref.role": "summary"})
+        pid = parent.info.run_id
+        runs["summary"] = pid
         status = "FINISHED"
         try:
-            tags = [RunTag("mcref.skipped", json.dumps(r["skipped"])[:5000]), RunTag("mcref.method_runs", json.dumps(runs))]
+            log_identity(client, pid, "study", bundle_root, weights, datasets, dataset_name, source,
+                         config=self.config, parser=parser)
+            for m in r["methods"]:
+                rid = client.create_run(exp_id, run_name=m, tags={**base_tags, "mcref.role": "method",
+                                                                  MLFLOW_PARENT_RUN_ID: pid}).info.run_id
+                runs[m] = rid
+                cstatus = "FINISHED"
+                try:
+                    log_identity(client, rid, "study", bundle_root, weights, datasets, dataset_name, source,
+                                 parser=parser, log_config=False)
+                    metrics = [Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in r["metrics"][m].items()
+                               if isinstance(v, (int, float))]
+                    for k, p in r["pvalues"][m].items():
+                        metrics.append(Metric(f"p_vs_ref_{k}", float(p), now, 0))
+                    rk = json.dumps(self.refiner_kwargs.get(m, {}), default=str)[:5000]
+                    own = {"method": m, "threshold": str(s.threshold_for(m)), "refiner_kwargs": rk}
+                    params = [Param(k, v) for k, v in {**common, **own}.items()]
+                    for i in range(0, len(metrics), 900):
+                        client.log_batch(rid, metrics=metrics[i:i + 900], params=params if i == 0 else [],
+                                         tags=[RunTag("mcref.method_label", method_label(m))] if i == 0 else [])
+                    per_case = table(r["rows"][m])
+                    if per_case:
+                        client.log_table(rid, per_case, "tables/per_case.json")
+                    mdir = self.output_dir / m
+                    for fn in ("per_case.csv", "objects.csv", "froc.csv"):
+                        if (mdir / fn).is_file():
+                            client.log_artifact(rid, str(mdir / fn))
+                    if (mdir / "panels").is_dir():
+                        client.log_artifacts(rid, str(mdir / "panels"), "panels")
+                    client.log_artifact(rid, str(self.results_md))
+                except Exception:
+                    cstatus = "FAILED"
+                    raise
+                finally:
+                    client.set_terminated(rid, cstatus)
+            tags = [RunTag("mcref.skipped", json.dumps(r["skipped"])[:5000]),
+                    RunTag("mcref.method_runs", json.dumps({k: v for k, v in runs.items() if k != "summary"})[:5000])]
             params = [Param(k, v) for k, v in {**common, "methods": json.dumps(r["methods"]),
                                                "skipped": json.dumps(sorted(r["skipped"]))}.items()]
-            client.log_batch(rid, metrics=[Metric("n_failed", float(len(r["failed"])), now, 0)], params=params, tags=tags)
-            client.log_artifacts(rid, str(self.output_dir / "summary"), "summary")
-            client.log_artifact(rid, str(self.results_md))
+            client.log_batch(pid, metrics=[Metric("n_failed", float(len(r["failed"])), now, 0)], params=params, tags=tags)
+            for name in ("table1", "table2", "table3", "table4", "detection_rows", "froc_rows", "curve_rows"):
+                t = table(r.get(name))
+                if t:
+                    client.log_table(pid, t, f"tables/{name}.json")
+            metrics_table = table([{"method": m, **r["metrics"][m]} for m in r["methods"]])
+            if metrics_table:
+                client.log_table(pid, metrics_table, "tables/metrics.json")
+            client.log_artifacts(pid, str(self.output_dir / "summary"), "summary")
+            client.log_artifact(pid, str(self.results_md))
         except Exception:
             status = "FAILED"
             raise
         finally:
-            client.set_terminated(rid, status)
-        runs["summary"] = rid
+            client.set_terminated(pid, status)
         logger.info("MLflow: experiment %s (%s), runs %s", self.experiment_name, uri, runs)
+        print(ui_hint(uri, exp_id, pid) + f"\n  (parent run of the study; one child run per method: {', '.join(r['methods'])})",
+              flush=True)
         return runs
 
 

@@ -484,6 +484,7 @@ def log_identity(
     dataset_source: str | None = None,
     config: Mapping[str, Any] | None = None,
     parser: Any | None = None,
+    log_config: bool = True,
 ) -> dict[str, str]:
     """Tag a run with :func:`run_identity`, log its case lists as dataset inputs and its
     configuration (``config.json`` resolved, ``config_raw.json`` as merged).
@@ -499,6 +500,7 @@ def log_identity(
         dataset_source: where the case lists come from (e.g. the datalist path).
         config: configuration to log when there is no parser (logged as ``config.json``).
         parser: the running ``ConfigParser`` (default: :func:`find_live_parser`).
+        log_config: log the configuration files (False: tags and dataset inputs only).
 
     Returns:
         the tags set.
@@ -512,6 +514,8 @@ def log_identity(
     for context, data in (datasets or {}).items():
         if _items_of(data):
             log_dataset_input(client, run_id, data, f"{tags['mcref.dataset.name']}:{context}", context, dataset_source)
+    if not log_config:
+        return tags
     if parser is not None:
         raw = parser.get()
         client.log_dict(run_id, resolved_config(parser), "config.json")
