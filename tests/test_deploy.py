@@ -369,6 +369,7 @@ def test_fractional_seg_holds_the_refined_probability(deployed):
 
     from bundle.dicom import FRACTIONAL_MAX
 
+    peak = 0.0
     for src in deployed["good"]:
         ds = pydicom.dcmread(src)
         rec = _instance(deployed["summary"], ds.SOPInstanceUID)
@@ -380,8 +381,9 @@ def test_fractional_seg_holds_the_refined_probability(deployed):
         frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
         ref = read_nii(deployed["ref"] / src.stem / f"{src.stem}_refined_prob.nii.gz")
         assert frame.shape == ref.shape
-        assert float(ref.max()) > 0.5, "a probability map without any mark tests little"
+        peak = max(peak, float(ref.max()))
         assert np.abs(frame.astype(np.float64) - ref).max() <= 0.5 / FRACTIONAL_MAX + 1e-6
+    assert peak > 0.5, "probability maps without any mark test little"
 
 
 @pytest.mark.slow
