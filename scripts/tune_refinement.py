@@ -48,6 +48,7 @@ def main() -> int:
     from tqdm import tqdm
 
     from bundle.engine import load_checkpoint
+    from bundle.pipeline import MCPipeline
     from bundle.refine import build_refiner
 
     parser = ConfigParser()
@@ -74,19 +75,19 @@ def main() -> int:
         "sp1": build_refiner("segai+sp1", segai_threshold=ts),
         "sp2": build_refiner("segai+sp2", segai_threshold=ts),
     }
+    pipe = MCPipeline(seg_net, inferer)  # the one two-stage pipeline; refiners passed per call
     rows: dict[str, list[tuple[float, float, float]]] = {}
     true_rate = []
     for item in tqdm(cases, desc="cases", unit="case"):
         d = pre(dict(item))
         img, breast = d["image"][0].numpy(), d["breast"][0].numpy() > 0
         truth = d["label"][0].numpy() > 0
-        with torch.no_grad():
-            prob = inferer(d["image"][None], seg_net, breast=d["breast"][None])[0, 0].numpy()
+        prob = pipe.segai(img, breast)
         true_rate.append(float((truth & breast).sum()) / max(float(breast.sum()), 1.0))
         for t in args.segai:
             rows.setdefault(f"SegAI (>= {t:g})", []).append(_metrics(prob >= t, truth, breast))
         for name, ref in refiners.items():
-            out = ref(img, prob, breast)["prob"]
+            out = pipe.refine(img, prob, breast, refiner=ref)["refined_prob"]
             thresholds = args.sp if name.startswith("sp") else args.genai
             label = {"genai": "GenAI", "biharmonic": "Biharmonic", "sp1": "SP1", "sp2": "SP2"}[name]
             for t in thresholds:
