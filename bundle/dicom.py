@@ -40,6 +40,7 @@ __all__ = [
     "PROB_SCALE",
     "FRACTIONAL_MAX",
     "ALGORITHM_NAME",
+    "algorithm_name",
 ]
 
 # Probability p is stored as round(p * PROB_SCALE) with RescaleSlope 1 / PROB_SCALE (exact as a DS).
@@ -63,6 +64,19 @@ _SERIES_NUMBERS = {"seg": 9101, "prob": 9102, "virtual_normal": 9103}
 FRACTIONAL_MAX = 255
 # The product: SegAI's map refined by the generative (virtual normal) step, "SegAI+R:GenAI".
 ALGORITHM_NAME = "mcref SegAI+R:GenAI"
+
+
+def algorithm_name(method: str | None) -> str:
+    """The SEG algorithm name of a refinement method (config ``refiner_name``).
+
+    Args:
+        method: e.g. "segai+genai" (the default product, :data:`ALGORITHM_NAME`) or another
+            registered refiner name; None or empty: the default.
+    """
+    m = str(method or "").strip()
+    if not m or m.lower() == "segai+genai":
+        return ALGORITHM_NAME
+    return f"mcref {m}"[:64]
 _SAFE_CHARS = re.compile(r"[^0-9A-Za-z._-]")
 
 
@@ -214,9 +228,9 @@ def _laterality(source: Any) -> str | None:
     return lat if lat in ("L", "R") else None
 
 
-def _segment_description(source: Any, label: str, version: str) -> Any:
+def _segment_description(source: Any, label: str, version: str, algorithm: str = ALGORITHM_NAME) -> Any:
     """The one segment of the mcref SEGs: calcification of breast, anatomic region breast with
-    the image's laterality as its modifier, found automatically by :data:`ALGORITHM_NAME`."""
+    the image's laterality as its modifier, found automatically by ``algorithm``."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -228,7 +242,7 @@ def _segment_description(source: Any, label: str, version: str) -> Any:
         segmented_property_type=codes.SCT.CalcificationOfBreast,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=ALGORITHM_NAME, version=str(version), family=codes.cid7162.ArtificialIntelligence
+            name=algorithm, version=str(version), family=codes.cid7162.ArtificialIntelligence
         ),
         anatomic_regions=[codes.SCT.Breast],
     )
@@ -240,7 +254,8 @@ def _segment_description(source: Any, label: str, version: str) -> Any:
 
 
 def _segmentation(
-    source: Any, frame: np.ndarray, kind: str, version: str, label: str, fractional: bool, manufacturer: str
+    source: Any, frame: np.ndarray, kind: str, version: str, label: str, fractional: bool, manufacturer: str,
+    algorithm: str = ALGORITHM_NAME,
 ) -> Any:
     import highdicom as hd
 
@@ -253,13 +268,13 @@ def _segmentation(
         source_images=[header_only(source)],
         pixel_array=frame[None],
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(source, label, version)],
+        segment_descriptions=[_segment_description(source, label, version, algorithm)],
         series_instance_uid=derived_uid(sop, f"{kind}-series", version),
         series_number=_SERIES_NUMBERS.get(kind, 9199),
         sop_instance_uid=derived_uid(sop, kind, version),
         instance_number=1,
         manufacturer=manufacturer,
-        manufacturer_model_name=ALGORITHM_NAME,
+        manufacturer_model_name=algorithm,
         software_versions=str(version),
         device_serial_number="0",
         content_description=f"{label} (research use only)",
@@ -304,13 +319,16 @@ def _complete_pixel_measures(seg: Any, source: Any) -> None:
     del shared[0].PixelMeasuresSequence
 
 
-def make_seg(source: Any, mask: np.ndarray, version: str, kind: str = "seg", manufacturer: str = "mcref") -> Any:
+def make_seg(
+    source: Any, mask: np.ndarray, version: str, kind: str = "seg", manufacturer: str = "mcref",
+    algorithm: str = ALGORITHM_NAME,
+) -> Any:
     """The refined microcalcification mask as a BINARY DICOM Segmentation of one source mammogram.
 
     One frame on the source pixel grid (``frame[r, c]`` belongs to ``pixel_array[r, c]``), segment
     "Microcalcification" (SCT 309587003 "Calcification of breast"), anatomic region breast (SCT
     76752008) with the image's laterality as modifier, General Series Laterality, algorithm
-    :data:`ALGORITHM_NAME`, referencing the source image. Patient and study identifiers are the
+    ``algorithm`` (default :data:`ALGORITHM_NAME`), referencing the source image. Patient and study identifiers are the
     source's; series and instance UIDs are derived (:func:`derived_uid`).
 
     Args:
@@ -319,6 +337,7 @@ def make_seg(source: Any, mask: np.ndarray, version: str, kind: str = "seg", man
         version: bundle version (algorithm version, software version, UIDs).
         kind: object kind for UIDs and the series number.
         manufacturer: Manufacturer of the new object.
+        algorithm: algorithm name (:func:`algorithm_name` of the refinement method).
 
     Returns:
         The highdicom ``Segmentation`` (a pydicom Dataset).
@@ -330,13 +349,15 @@ def make_seg(source: Any, mask: np.ndarray, version: str, kind: str = "seg", man
     rows, cols = int(source.Rows), int(source.Columns)
     if mask.shape != (rows, cols):
         raise ValueError(f"mask shape {mask.shape} does not match the source image ({rows}, {cols})")
-    seg = _segmentation(source, (mask > 0).astype(np.uint8), kind, version, "Microcalcification", False, manufacturer)
+    seg = _segmentation(source, (mask > 0).astype(np.uint8), kind, version, "Microcalcification", False, manufacturer,
+                        algorithm)
     seg.SeriesDescription = "mcref microcalcification SEG (refined; research)"
     return seg
 
 
 def make_fractional_seg(
-    source: Any, prob: np.ndarray, version: str, kind: str = "prob", manufacturer: str = "mcref"
+    source: Any, prob: np.ndarray, version: str, kind: str = "prob", manufacturer: str = "mcref",
+    algorithm: str = ALGORITHM_NAME,
 ) -> Any:
     """The refined microcalcification probability as a FRACTIONAL (PROBABILITY) DICOM Segmentation.
 
@@ -350,6 +371,7 @@ def make_fractional_seg(
         version: bundle version.
         kind: object kind for UIDs and the series number.
         manufacturer: Manufacturer of the new object.
+        algorithm: algorithm name (:func:`algorithm_name` of the refinement method).
 
     Raises:
         ValueError: when ``prob`` is not on the source grid.
@@ -359,7 +381,7 @@ def make_fractional_seg(
     if prob.shape != (rows, cols):
         raise ValueError(f"probability shape {prob.shape} does not match the source image ({rows}, {cols})")
     p = np.clip(np.nan_to_num(prob, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
-    seg = _segmentation(source, p, kind, version, "Microcalcification probability", True, manufacturer)
+    seg = _segmentation(source, p, kind, version, "Microcalcification probability", True, manufacturer, algorithm)
     seg.SeriesDescription = "mcref microcalcification probability (refined; research)"
     return seg
 

@@ -460,3 +460,10 @@ def test_nothing_is_written_outside_the_output_folder(deployed):
     assert rec["status"] == "ok" and set(rec["outputs"]) == {"seg", "prob", "virtual_normal"}
     for f in rec["outputs"].values():
         assert out in Path(f).parents and Path(f).parent != out and os.path.isfile(f)
+
+
+def test_seg_algorithm_names_the_refinement_method():
+    from bundle.dicom import ALGORITHM_NAME, algorithm_name
+
+    assert algorithm_name(None) == algorithm_name("segai+genai") == ALGORITHM_NAME == "mcref SegAI+R:GenAI"
+    assert algorithm_name("segai+sp1") == "mcref segai+sp1" and len(algorithm_name("x" * 200)) <= 64

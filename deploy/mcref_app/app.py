@@ -83,13 +83,18 @@ class MCRefApp(Application):
         out_path = Path(app_context.output_path)
         workdir = Path(app_context.workdir) if app_context.workdir else None
         root = resolve_bundle(self._bundle_arg, cache_dir=workdir / "bundles" if workdir else None)
+        info: dict[str, Any] = {}
         runner = bundle_runner(root, self._config_names, self._overrides,
-                               scratch=workdir / "scratch" if workdir else None)
-        logger.info("bundle %s (version %s), input %s, output %s", root, runner.version, in_path, out_path)
+                               scratch=workdir / "scratch" if workdir else None, info=info)
+        from bundle.dicom import algorithm_name  # importable once the bundle root is on sys.path
+
+        algorithm = algorithm_name(info.get("method"))
+        logger.info("bundle %s (version %s, %s), input %s, output %s", root, runner.version, algorithm, in_path, out_path)
         out_path.mkdir(parents=True, exist_ok=True)
         writer = ResultWriter(out_path, version=runner.version,
                               virtual_normal_range=getattr(runner, "virtual_normal_range", (-0.5, 1.5)),
-                              write_prob=self._write_prob, write_virtual_normal=self._write_virtual_normal)
+                              write_prob=self._write_prob, write_virtual_normal=self._write_virtual_normal,
+                              algorithm=algorithm)
 
         loader = MCRefDICOMLoaderOperator(self, CountCondition(self, 1), input_folder=in_path, name="study_loader")
         selector = DICOMSeriesSelectorOperator(self, rules=MG_SELECTION_RULES, all_matched=True, name="mg_selector")

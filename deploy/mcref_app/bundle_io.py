@@ -218,6 +218,7 @@ def bundle_runner(
     config_names: Sequence[str] = ("inference",),
     overrides: Mapping[str, Any] | None = None,
     scratch: str | os.PathLike | None = None,
+    info: dict[str, Any] | None = None,
 ) -> Any:
     """The bundle's inference runner (config id ``runner``), built as ``monai.bundle run`` would.
 
@@ -231,6 +232,7 @@ def bundle_runner(
         config_names: config files (without extension) merged in order.
         overrides: config id -> value, e.g. ``{"refined_threshold": 0.7, "device": "cpu"}``.
         scratch: a folder path for the runner's unused folders (default: the temp folder).
+        info: when given, filled with ``method`` (the config's ``refiner_name``, None without one).
 
     Returns:
         The runner, with ``predict(path)``, ``version`` and ``virtual_normal_range``.
@@ -260,4 +262,6 @@ def bundle_runner(
         raise BundleError(f"{root}: building the bundle's runner failed: {type(e).__name__}: {e}") from e
     if not callable(getattr(runner, "predict", None)):
         raise BundleError(f"{root}: the bundle's 'runner' has no predict(path)")
+    if info is not None:
+        info["method"] = parser.get_parsed_content("refiner_name") if parser.get("refiner_name") is not None else None
     return runner

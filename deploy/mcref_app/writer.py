@@ -41,6 +41,7 @@ class ResultWriter:
         virtual_normal_range: (lo, hi) of the stored virtual normal values (the runner's).
         write_prob: write the FRACTIONAL SEG of the refined probability.
         write_virtual_normal: write the virtual normal image.
+        algorithm: algorithm name in the SEGs (default ``bundle.dicom.ALGORITHM_NAME``).
     """
 
     def __init__(
@@ -50,12 +51,14 @@ class ResultWriter:
         virtual_normal_range: Sequence[float] = (-0.5, 1.5),
         write_prob: bool = True,
         write_virtual_normal: bool = True,
+        algorithm: str | None = None,
     ) -> None:
         self.output_folder = Path(output_folder)
         self.version = str(version)
         self.virtual_normal_range = (float(virtual_normal_range[0]), float(virtual_normal_range[1]))
         self.write_prob = write_prob
         self.write_virtual_normal = write_virtual_normal
+        self.algorithm = algorithm
 
     # ---------------------------------------------------------------- paths
     def path_for(self, *parts: str) -> Path:
@@ -94,11 +97,12 @@ class ResultWriter:
         Args:
             case: an ``ok`` case with ``mask``, ``prob`` (and ``virtual_normal``) and ``dataset``.
         """
-        from bundle.dicom import make_fractional_seg, make_seg, make_virtual_normal
+        from bundle.dicom import ALGORITHM_NAME, make_fractional_seg, make_seg, make_virtual_normal
 
-        objects = {"seg": make_seg(case.dataset, case.mask, self.version)}
+        algorithm = self.algorithm or ALGORITHM_NAME
+        objects = {"seg": make_seg(case.dataset, case.mask, self.version, algorithm=algorithm)}
         if self.write_prob:
-            objects["prob"] = make_fractional_seg(case.dataset, case.prob, self.version)
+            objects["prob"] = make_fractional_seg(case.dataset, case.prob, self.version, algorithm=algorithm)
         if self.write_virtual_normal and case.virtual_normal is not None:
             objects["virtual_normal"] = make_virtual_normal(case.dataset, case.virtual_normal, self.version,
                                                             self.virtual_normal_range)
