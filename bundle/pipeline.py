@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MCPipeline"]
+__all__ = ["MCPipeline", "PipelineInferer"]
 
 ArrayLike = Any
 
@@ -199,3 +199,31 @@ class MCPipeline:
             maps["extras"].update(r.pop("extras"))
             maps.update(r)
         return maps
+
+
+class PipelineInferer:
+    """:class:`MCPipeline` as a MONAI-style inferer, so an ignite evaluator (MONAI Label, the
+    MONAI Deploy bundle operator, ``configs/inference.json#evaluator``) runs the same two stages.
+
+    Called as ``inferer(images (B, 1, H, W), network, breast=(B, 1, H, W))`` (``network`` is
+    ignored: the pipeline holds SegAI's network); returns ``(B, len(keys), H, W)`` with the
+    pipeline's maps in the order of ``keys`` (a map the pipeline does not make is zeros).
+
+    Args:
+        pipeline: the two-stage pipeline.
+        keys: maps to return, as channels.
+    """
+
+    def __init__(self, pipeline: MCPipeline, keys: tuple[str, ...] = ("refined_prob", "prob", "virtual_normal")) -> None:
+        self.pipeline = pipeline
+        self.keys = tuple(keys)
+
+    def __call__(self, inputs: torch.Tensor, network: Any = None, *args: Any, breast: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        outs = []
+        for i in range(x.shape[0]):
+            b = None if breast is None else breast[i]
+            maps = self.pipeline(x[i], b)
+            chans = [np.zeros(x.shape[-2:], np.float32) if maps.get(k) is None else np.asarray(maps[k], np.float32) for k in self.keys]
+            outs.append(torch.as_tensor(np.stack(chans)))
+        return torch.stack(outs).to(x.device)

@@ -1,0 +1,111 @@
+"""The one two-stage pipeline: the runner, MONAI's workflow properties and an ignite evaluator all
+run the same maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bundle.pipeline import MCPipeline, PipelineInferer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Doubler(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 20.0 * (x - 1.0)
+
+
+def plain(x, net, breast=None):
+    p = torch.sigmoid(net(x))
+    return p if breast is None else p * (breast > 0)
+
+
+def test_pipeline_names_its_maps_and_applies_operating_points():
+    img = np.full((32, 32), 0.5, np.float32)
+    img[10:12, 10:12] = 2.0  # a bright speck
+    img[20, 20] = 1.02  # a faint one: prob just above 0.5
+    breast = np.ones_like(img, bool)
+    breast[:, 28:] = False
+
+    def refiner(image, prob, b):
+        return {"prob": np.where(image > 1.5, prob, 0.0), "virtual_normal": np.minimum(image, 0.5), "hole": prob > 0.1}
+
+    pipe = MCPipeline(Doubler(), plain, refiner, threshold=0.5, refined_threshold=0.9)
+    maps = pipe(img, breast)
+    assert {"prob", "mask", "refined_prob", "refined_mask", "virtual_normal", "hole", "extras"} <= set(maps)
+    assert maps["mask"][20, 20] and maps["mask"][10, 10] and not maps["mask"][0, 0]
+    assert maps["refined_mask"][10, 10] and not maps["refined_mask"][20, 20]
+    assert maps["refined_prob"].dtype == np.float32 and maps["virtual_normal"].max() == pytest.approx(0.5)
+    assert float(maps["prob"][:, 28:].max()) == 0.0  # the breast mask reached SegAI's inferer
+    # a per-image hole control limits what the refiner sees and reports its threshold
+    seen = {}
+
+    def control(prob, b):
+        return {"mask": prob > 0.99, "threshold": 0.99}
+
+    def spy(image, prob, b):
+        seen["prob"] = prob
+        return {"prob": prob}
+
+    maps = MCPipeline(Doubler(), plain, spy, threshold=0.5, hole_control=control)(img, breast)
+    assert seen["prob"][20, 20] == 0.0 and seen["prob"][10, 10] > 0.99
+    assert maps["extras"]["hole_threshold_image"] == 0.99
+    # a refiner that does not need SegAI: SegAI is not run
+    sp = lambda image, prob, b: {"prob": np.clip(image - 0.5, 0, 1)}  # noqa: E731
+    sp.needs = ()
+    maps = MCPipeline(Doubler(), plain, sp)(img, breast)
+    assert "prob" not in maps and maps["refined_mask"][10, 10]
+    with pytest.raises(ValueError, match="differs from the image"):
+        MCPipeline(Doubler(), plain, lambda i, p, b: {"prob": np.zeros((3, 3))})(img, breast)
+
+
+@pytest.fixture(scope="module")
+def one_phantom(tmp_path_factory) -> Path:
+    from bundle.phantom import make_dataset
+
+    d = tmp_path_factory.mktemp("one_phantom")
+    make_dataset(d, n_cases=1, seed=777, shape=(512, 416), splits=(0, 0, 1), progress=False)
+    return d
+
+
+def test_inference_config_has_monai_infer_properties_and_its_evaluator_runs_the_pipeline(one_phantom, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / "inference.json"), meta_file=str(ROOT / "configs" / "metadata.json"),
+        logging_file=str(ROOT / "configs" / "logging.conf"), workflow_type="infer",
+        bundle_root=str(ROOT), dataset_dir=str(one_phantom), output_dir=str(tmp_path / "out"),
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    outputs = []
+    from ignite.engine import Events
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output))
+    evaluator.run()
+    assert len(outputs) == 1
+    pred = outputs[0][0]["pred"]  # channels: refined_prob, prob, virtual_normal (working grid)
+    d = wf.parser.get_parsed_content("preprocessing")({"image": wf.parser.get_parsed_content("inputs")[0]["image"]})
+    maps = wf.parser.get_parsed_content("pipeline")(d["image"], d["breast"])
+    np.testing.assert_allclose(np.asarray(pred[0]), maps["refined_prob"], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pred[1]), maps["prob"], atol=1e-6)
+    assert float(np.asarray(pred[1]).max()) > 0.5  # SegAI sees the phantom's MCs
+    # the batch runner writes the same refined map (phantoms are on the working grid, left breast)
+    runner = wf.parser.get_parsed_content("runner")
+    out = runner.predict(wf.parser.get_parsed_content("inputs")[0]["image"])
+    if out["refined_prob"].shape[-2:] == pred.shape[-2:]:
+        np.testing.assert_allclose(np.asarray(out["refined_prob"][0]), np.asarray(pred[0]), atol=1e-5)
+
+
+def test_pipeline_inferer_returns_zeros_for_maps_it_does_not_make():
+    pipe = MCPipeline(Doubler(), plain)  # no refiner
+    x = torch.full((2, 1, 16, 16), 0.5)
+    x[0, 0, 4, 4] = 2.0
+    out = PipelineInferer(pipe, keys=("prob", "refined_prob"))(x, None, breast=torch.ones_like(x))
+    assert out.shape == (2, 2, 16, 16)
+    assert float(out[0, 0, 4, 4]) > 0.99 and float(out[:, 1].abs().max()) == 0.0
