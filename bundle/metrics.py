@@ -499,7 +499,7 @@ def truth_clusters(
 
 def _cluster_counts(*args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
     # bundle.study imports this module: import its cluster machinery when first needed
-    from bundle.study import cluster_counts
+    from bundle.objects import cluster_counts
 
     return cluster_counts(*args, **kwargs)
 
@@ -664,7 +664,7 @@ def pool_detection_curves(curves: Sequence[Mapping[str, Any]]) -> dict[str, np.n
         ValueError: when the images were swept over different thresholds.
 
     """
-    from bundle.study import froc_curve
+    from bundle.objects import froc_curve
 
     if not curves:
         return {k: np.zeros(0) for k in CURVE_COLUMNS}
@@ -789,7 +789,7 @@ def curve_summary(
         dict named as :func:`curve_metric_names`.
 
     """
-    from bundle.study import froc_summary
+    from bundle.objects import froc_summary
 
     fpi = np.asarray(pooled.get("fp_clusters_per_image", []), dtype=float)
     sens = np.asarray(pooled.get("cluster_sensitivity", []), dtype=float)
