@@ -21,49 +21,12 @@ import numpy as np
 import torch
 
 from bundle.cli import check_command_line
+from bundle.networks import load_checkpoint  # noqa: F401  (re-exported for configs and scripts)
+from bundle.utils import bundle_version  # noqa: F401  (re-exported)
 
 __all__ = ["MammogramInference", "check_command_line", "ensure_demo_data", "load_checkpoint", "invocation_config"]
 
 logger = logging.getLogger("mcref.inference")
-
-
-def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load weights into ``network`` with a clear error when the file is missing or does not fit.
-
-    Accepts a plain state dict or a MONAI ``CheckpointSaver`` file holding ``{"network": ...}``.
-
-    Args:
-        network: the module to fill.
-        path: checkpoint file.
-        device: where to map the tensors.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: checkpoint not found; train it with the train config or pass --ckpt_path")
-    state = torch.load(p, map_location=device, weights_only=True)
-    if isinstance(state, Mapping) and "network" in state and isinstance(state["network"], Mapping):
-        state = state["network"]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as e:
-        raise RuntimeError(f"{p}: weights do not fit the network in the config: {e}") from e
-    return network.to(device).eval()
-
-
-def bundle_version(bundle_root: str | os.PathLike) -> str:
-    """The bundle's version, ``configs/metadata.json#version`` (``"unversioned"`` without one).
-
-    Args:
-        bundle_root: the bundle root folder.
-    """
-    import json
-
-    meta = Path(bundle_root) / "configs" / "metadata.json"
-    try:
-        return str(json.loads(meta.read_text(encoding="utf-8")).get("version", "unversioned"))
-    except (OSError, ValueError):
-        logger.warning("%s: no readable metadata; derived objects are marked 'unversioned'", meta)
-        return "unversioned"
 
 
 def ensure_demo_data(folder: str | os.PathLike, n_cases: int = 3, seed: int = 2024, shape: Sequence[int] = (1280, 1024)) -> str:

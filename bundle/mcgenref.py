@@ -751,7 +751,7 @@ def load_generator(
         required: raise when the file is missing; otherwise warn and return None (TT-GPR then uses
             the observed tile itself as the only projection).
     """
-    from bundle.engine import load_checkpoint
+    from bundle.networks import load_checkpoint
 
     if not path or not os.path.isfile(str(path)):
         if required:
@@ -1393,7 +1393,7 @@ def build_study_methods(
         ttgpr_kwargs: keyword arguments of :class:`TTGPRInferer`.
         device: torch device.
     """
-    from bundle.engine import load_checkpoint
+    from bundle.networks import load_checkpoint
     from bundle.networks import SegAINet
 
     try:
@@ -1606,7 +1606,7 @@ def heldout_eval(
     from pathlib import Path
 
     from bundle.data import mammogram_preprocessing
-    from bundle.engine import load_checkpoint
+    from bundle.networks import load_checkpoint
     from bundle.networks import SegAINet
     from bundle.training import merge_datalists, prepare_phantom_data
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from monai.networks.nets import UNet
 
-__all__ = ["SegAINet"]
+__all__ = ["SegAINet", "load_checkpoint"]
 
 
 class SegAINet(UNet):
@@ -51,3 +54,26 @@ class SegAINet(UNet):
         last = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.out_channels == 1][-1]
         if last.bias is not None:
             nn.init.constant_(last.bias, math.log(prior / (1.0 - prior)))
+
+
+def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load weights into ``network`` with a clear error when the file is missing or does not fit.
+
+    Accepts a plain state dict or a MONAI ``CheckpointSaver`` file holding ``{"network": ...}``.
+
+    Args:
+        network: the module to fill.
+        path: checkpoint file.
+        device: where to map the tensors.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: checkpoint not found; train it with the train config or pass --ckpt_path")
+    state = torch.load(p, map_location=device, weights_only=True)
+    if isinstance(state, Mapping) and "network" in state and isinstance(state["network"], Mapping):
+        state = state["network"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"{p}: weights do not fit the network in the config: {e}") from e
+    return network.to(device).eval()

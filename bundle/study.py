@@ -842,7 +842,7 @@ def build_study_refiners(
 def _load_weights(
     network: torch.nn.Module | None, path: str | os.PathLike | None, device: Any, what: str
 ) -> tuple[torch.nn.Module | None, str]:
-    from bundle.engine import load_checkpoint
+    from bundle.networks import load_checkpoint
 
     if network is None:
         return None, f"no {what} network configured"

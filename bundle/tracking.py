@@ -419,7 +419,7 @@ def run_identity(
         datasets: context (``evaluation``, ``training``...) -> datalist entries or dataset.
         dataset_name: name of the data set (default: the folder of the first case list).
     """
-    from bundle.engine import bundle_version
+    from bundle.utils import bundle_version
 
     tags = {"mcref.kind": kind, "mcref.bundle_version": bundle_version(bundle_root)}
     git = git_state(bundle_root)
