@@ -73,6 +73,7 @@ __all__ = [
     "TrackingHandler",
     "sample_figure",
     "EvaluationReportHandler",
+    "TimestepAdapter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1225,3 +1226,31 @@ class EvaluationReportHandler:
             fig = self._worst_panel(key, title)
             if fig is not None:
                 client.log_figure(run_id, fig, f"worst/{name}.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# registered models
+# ----------------------------------------------------------------------------------------------
+class TimestepAdapter(torch.nn.Module):
+    """A network called ``net(x, timesteps)`` as a one-tensor model ``adapter(x, timestep=t)`` (MLflow's
+    PyTorch flavour passes one tensor; ``timestep`` arrives as an inference parameter).
+
+    Args:
+        network: e.g. :class:`bundle.mcgenref.SeedRFGenerator`.
+        default_timestep: timestep used when none is given.
+    """
+
+    def __init__(self, network: torch.nn.Module, default_timestep: float = 500.0) -> None:
+        super().__init__()
+        self.network = network
+        self.default_timestep = float(default_timestep)
+
+    def forward(self, x: torch.Tensor, timestep: float | None = None) -> torch.Tensor:
+        """``network(x, full((N,), timestep))``.
+
+        Args:
+            x: the network's first input, ``(N, C, H, W)``.
+            timestep: one timestep for the whole batch.
+        """
+        t = self.default_timestep if timestep is None else float(timestep)
+        return self.network(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
