@@ -64,6 +64,11 @@ class BreastTileInferer(Inferer):
         sigmoid: apply a sigmoid to the network output (the network returns logits).
         mask_output: multiply the result by the breast mask when one is given.
         progress: show a progress bar over tiles.
+        channels_last: run the network in channels-last memory layout (CPU convolutions often
+            run faster; the network is converted once, in place).
+        autocast_dtype: ``"bfloat16"`` runs the network under ``torch.autocast`` in bfloat16
+            (the sum and count images stay float32); None: float32. Check the maps against
+            float32 with ``scripts/benchmark.py --compare-bf16`` before using it.
     """
 
     def __init__(
@@ -75,8 +80,14 @@ class BreastTileInferer(Inferer):
         sigmoid: bool = True,
         mask_output: bool = True,
         progress: bool = False,
+        channels_last: bool = False,
+        autocast_dtype: str | None = None,
     ) -> None:
         super().__init__()
+        self.channels_last = bool(channels_last)
+        if autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}")
+        self.autocast_dtype = autocast_dtype
         self.roi_size = (roi_size, roi_size) if isinstance(roi_size, int) else tuple(int(s) for s in roi_size)
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
@@ -138,10 +149,17 @@ class BreastTileInferer(Inferer):
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, desc="tiles", unit="batch", leave=False)
+        if self.channels_last and isinstance(network, torch.nn.Module):
+            network.to(memory_format=torch.channels_last)
+        amp = self.autocast_dtype is not None
+        amp_dtype = getattr(torch, self.autocast_dtype) if amp else None
         for start in iterator:
             chunk = tiles[start : start + self.sw_batch_size]
             batch = torch.stack([x[i, :, rs, cs] for i, rs, cs in chunk])
-            y = network(batch, *args, **kwargs)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp):
+                y = network(batch, *args, **kwargs)
             y = y.as_tensor() if hasattr(y, "as_tensor") else y
             y = torch.sigmoid(y.float()) if self.sigmoid else y.float()
             if out_sum is None:

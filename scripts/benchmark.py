@@ -11,7 +11,8 @@ usage:
 
 Methods name config variants: ``anchor`` (MONAI's ``SlidingWindowInferer``, roi 512, overlap
 0.125, with SegAI's network over the whole preprocessed image: the network pass alone, a
-reference for noisy machines), ``segai`` (configs/inference.json with the refiner off),
+reference for noisy machines), ``segai`` (configs/inference.json with the refiner off), ``segai_cl`` / ``segai_bf16`` (the same
+in channels-last layout / under bfloat16 autocast),
 ``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``genai_tiles`` (the same with
 the 128 px tile grid instead of hole-centred crops), ``genai_seg0.1`` (the same at the
 stricter SegAI operating point 0.1), ``grid`` (grid-mask generative
@@ -41,6 +42,9 @@ METHODS: dict[str, tuple[list[str], dict]] = {
     # whole preprocessed image (network pass only), so figures from noisy machines stay comparable
     "anchor": (["configs/inference.json"], {"refine": False}),
     "segai": (["configs/inference.json"], {"refine": False}),
+    # issue 15 levers on SegAI alone: channels-last layout, bfloat16 autocast
+    "segai_cl": (["configs/inference.json"], {"refine": False, "inferer#channels_last": True}),
+    "segai_bf16": (["configs/inference.json"], {"refine": False, "inferer#autocast_dtype": "bfloat16"}),
     "genai": (["configs/inference.json"], {}),
     # the same pipeline with the fixed 128 px tile grid instead of hole-centred crops
     "genai_tiles": (["configs/inference.json"], {"genai_kwargs#mode": "tiles", "genai_kwargs#batch_size": 8}),

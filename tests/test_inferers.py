@@ -85,3 +85,22 @@ def test_image_smaller_than_tile_is_padded_and_cropped_back():
 def test_no_breast_gives_zero_map():
     y = BreastTileInferer(roi_size=32)(torch.rand(1, 1, 64, 64), CountingNet(), breast=torch.zeros(1, 1, 64, 64))
     assert y.shape == (1, 1, 64, 64) and float(y.abs().sum()) == 0.0
+
+
+def test_channels_last_and_bf16_options_keep_the_map():
+    import torch
+
+    from bundle.inferers import BreastTileInferer
+    from bundle.networks import SegAINet
+
+    torch.manual_seed(3)
+    net = SegAINet(channels=[8, 16], strides=[2], num_res_units=1).eval()
+    x = torch.rand(1, 1, 96, 80)
+    with torch.no_grad():
+        ref = BreastTileInferer(64, 0.25, 2)(x, net)
+        cl = BreastTileInferer(64, 0.25, 2, channels_last=True)(x, net)
+        bf = BreastTileInferer(64, 0.25, 2, autocast_dtype="bfloat16")(x, net)
+    assert torch.allclose(cl, ref, atol=1e-5)
+    assert float((bf - ref).abs().max()) < 0.05 and bf.dtype == torch.float32
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        BreastTileInferer(64, 0.25, 2, autocast_dtype="int8")
