@@ -107,8 +107,10 @@ def sqlite_uri(folder: str | os.PathLike) -> str:
 
 
 def server_reachable(uri: str, timeout: float = 3.0) -> bool:
-    """Whether an ``http(s)`` tracking server answers: ``GET <uri>/health`` gives any HTTP response
-    below 500 within ``timeout`` seconds. Other URI schemes are not probed (True).
+    """Whether an ``http(s)`` tracking server answers: ``GET <uri>/health`` succeeds (2xx/3xx), or is
+    refused for lack of credentials (401/403: a server is there), within ``timeout`` seconds. No
+    answer, a 404 (no MLflow server at that address) or a 5xx count as down. Other URI schemes are not
+    probed (True).
 
     Args:
         uri: tracking URI.
@@ -118,9 +120,9 @@ def server_reachable(uri: str, timeout: float = 3.0) -> bool:
         return True
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            return int(r.status) < 500
-    except urllib.error.HTTPError as e:  # the server answered (auth, proxy path...): it is up unless 5xx
-        return int(e.code) < 500
+            return int(r.status) < 400
+    except urllib.error.HTTPError as e:
+        return int(e.code) in (401, 403)
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -158,8 +160,8 @@ def resolve_tracking_uri(
     if fallback and not server_reachable(uri, probe_timeout):
         local = sqlite_uri(store)
         logger.warning(
-            "MLflow server %s does not answer (%.0f s probe); logging to the local store %s instead "
-            "(mlflow ui --backend-store-uri %s)", uri, probe_timeout, local, local,
+            "MLflow server %s does not answer (%s/health, %.3g s limit); logging to the local store %s "
+            "instead (mlflow ui --backend-store-uri %s)", uri, uri.rstrip("/"), probe_timeout, local, local,
         )
         return local
     return uri

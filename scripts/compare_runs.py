@@ -39,7 +39,10 @@ __all__ = ["default_tracking_uri", "open_store", "find_run", "per_case_values", 
 IDENTITY_TAGS = ("mcref.kind", "mcref.bundle_version", "mlflow.source.git.commit", "mcref.git_dirty",
                  "mcref.dataset.name")
 #: per-case columns that are labels or counts of the case, not metrics to test.
-NOT_METRICS = {"case", "filename", "height", "width", "spacing_row_mm", "spacing_col_mm", "status", "error", "method"}
+NOT_METRICS = {"case", "filename", "height", "width", "spacing_row_mm", "spacing_col_mm", "status", "error", "method",
+               # properties of the case, the same for every method: nothing to test
+               "breast_px", "breast_area_cm2", "truth_px", "tn", "n_objects", "n_objects_all", "n_truth_clusters",
+               "true_activation_rate"}
 
 
 def default_tracking_uri() -> str:
@@ -261,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--experiment", default=None, help="experiment to search run names in")
     ap.add_argument("--all-params", action="store_true", help="list every parameter")
     args = ap.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the table readable
     uri = args.tracking_uri or default_tracking_uri()
     try:
         client = open_store(uri)
