@@ -22,11 +22,12 @@ import copy
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bundle.utils import atomic_path
 
 __all__ = [
     "derived_uid",
@@ -387,16 +388,9 @@ def make_fractional_seg(
 
 
 def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``write(tmp)`` on a temporary name next to ``path``, renamed into place (:func:`bundle.utils.atomic_path`)."""
+    with atomic_path(path, ".dcm") as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_dataset_atomic(ds: Any, path: str | os.PathLike) -> Path:

@@ -53,6 +53,7 @@ from scipy import ndimage
 
 from bundle.clusters import find_clusters, mark_table
 from bundle.reports import overlay_png, write_csv_atomic
+from bundle.utils import as_2d
 
 __all__ = [
     "DEFAULT_METRIC_NAMES",
@@ -135,13 +136,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _as_2d(x: Any, name: str) -> np.ndarray:
-    """``x`` as a 2-D array; leading singleton dimensions ((1, H, W), (1, 1, H, W)) are dropped."""
-    arr = _to_numpy(x)
-    while arr.ndim > 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (H, W) (leading singleton dims allowed), got shape {arr.shape}.")
-    return arr
+    """``x`` as a 2-D array (:func:`bundle.utils.as_2d`)."""
+    return as_2d(_to_numpy(x), name)
 
 
 def _as_mask(x: Any, name: str) -> np.ndarray:

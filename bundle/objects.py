@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from bundle.clusters import find_clusters
+from bundle.utils import as_2d
 
 __all__ = [
     "object_max_prob",
@@ -31,15 +31,8 @@ NAN = float("nan")
 
 
 def _np2d(x: Any, name: str, dtype: Any = None) -> np.ndarray:
-    """``x`` (numpy or torch, leading singleton dims allowed) as a 2-D numpy array."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    while arr.ndim > 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (H, W), got shape {arr.shape}")
-    return arr.astype(dtype) if dtype is not None else arr
+    """``x`` as a 2-D numpy array (:func:`bundle.utils.as_2d`)."""
+    return as_2d(x, name, dtype)
 
 
 def _mask(x: Any, name: str) -> np.ndarray:

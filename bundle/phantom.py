@@ -29,13 +29,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from bundle.utils import atomic_path
 
 __all__ = [
     "MC_SHAPES",
@@ -1192,14 +1193,6 @@ def make_phantom(
 # ----------------------------------------------------------------------------------------
 # DICOM and data set writers
 # ----------------------------------------------------------------------------------------
-def _atomic_target(path: Path) -> tuple[int, str]:
-    """Create a temporary file next to ``path`` whose name keeps the full suffix.
-
-    Args:
-        path: final destination.
-    """
-    suffix = "".join(path.suffixes) or ".tmp"
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
 
 
 def write_mg_dicom(
@@ -1237,7 +1230,7 @@ def write_mg_dicom(
         seed: entropy for the UIDs.
         photometric: "MONOCHROME2" (bright = dense) or "MONOCHROME1" (stored inverted).
         rle: compress with RLE Lossless.
-        patient_id: PatientID (also PatientName).
+        patient_id: PatientID (also PatientName, as the family name).
         bits_stored: BitsStored (HighBit = BitsStored - 1, BitsAllocated = 16).
         use_imager_spacing: write ImagerPixelSpacing instead of PixelSpacing.
         burned_in_annotation: value of BurnedInAnnotation ("YES"/"NO").
@@ -1295,7 +1288,7 @@ def write_mg_dicom(
     ds.ManufacturerModelName = "synthetic"
     ds.ReferringPhysicianName = ""
     ds.SeriesDescription = description
-    ds.PatientName = str(patient_id)
+    ds.PatientName = f"{patient_id}^"  # family name only; the caret says so (pydicom warns otherwise)
     ds.PatientID = str(patient_id)
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "F"
@@ -1358,16 +1351,8 @@ def write_mg_dicom(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
+    with atomic_path(path, "".join(path.suffixes)) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_label_nifti(path: str | os.PathLike, label: np.ndarray, spacing: float) -> None:
@@ -1383,16 +1368,8 @@ def write_label_nifti(path: str | os.PathLike, label: np.ndarray, spacing: float
     path = Path(path)
     img = nib.Nifti1Image(np.ascontiguousarray(label, dtype=np.uint8), np.diag([spacing, spacing, 1.0, 1.0]))
     img.header.set_xyzt_units("mm")
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
+    with atomic_path(path, "".join(path.suffixes)) as tmp:  # nibabel picks the format from the suffix
         nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _split_counts(n_cases: int, splits: Sequence[float] | Sequence[int]) -> tuple[int, int, int]:
@@ -1441,16 +1418,8 @@ def _write_json(path: Path, obj: Any) -> None:
         path: destination.
         obj: JSON-serialisable object.
     """
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_json_ready(obj), fh, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(_json_ready(obj), fh, indent=1)
 
 
 def make_dataset(

@@ -26,23 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundle.utils import as_2d
+
 __all__ = ["MCPipeline", "PipelineInferer"]
 
 ArrayLike = Any
 
 
 def _np2d(x: ArrayLike | None, dtype: Any = np.float32) -> np.ndarray | None:
-    """``x`` as a 2-D numpy array (squeezing leading singleton axes), or None."""
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    while a.ndim > 2 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 2:
-        raise ValueError(f"expected a 2-D map, got shape {a.shape}")
-    return a.astype(dtype, copy=False)
+    """``x`` as a 2-D numpy array (:func:`bundle.utils.as_2d`), or None."""
+    return None if x is None else as_2d(x, "map", dtype)
 
 
 class MCPipeline:

@@ -38,6 +38,7 @@ from skimage.morphology import disk, white_tophat
 from skimage.restoration import inpaint_biharmonic
 
 from bundle.inpainting import inpaint_crops, inpaint_tiles
+from bundle.utils import as_2d
 
 __all__ = [
     "InpaintFn",
@@ -85,15 +86,8 @@ class Refiner(Protocol):
 # helpers
 # --------------------------------------------------------------------------------------
 def _to_2d(x: ArrayLike2D, name: str, dtype: Any = np.float32) -> np.ndarray:
-    """numpy / torch -> 2-D numpy of ``dtype`` (squeezes a leading singleton channel)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    while a.ndim > 2 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (H, W) array, got shape {a.shape}.")
-    return a.astype(dtype, copy=False) if dtype is not bool else a != 0
+    """numpy / torch -> 2-D numpy of ``dtype`` (:func:`bundle.utils.as_2d`)."""
+    return as_2d(x, name, dtype)
 
 
 def _breast_mask(breast: ArrayLike2D | None, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -9,18 +9,17 @@ Files are always written to a temporary name in the destination folder and then 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from bundle.utils import as_2d, atomic_path  # noqa: F401  (atomic_path re-exported)
 
 __all__ = [
     "atomic_path",
@@ -43,40 +42,11 @@ OUTLINE_WIDTH = 2
 _SPARSE_LIMIT = 4_000_000  # (set pixels) x (filter area) below which dilation works on coordinates
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
-    """
-    Context manager giving a temporary file name next to ``path``; on a clean exit the temporary
-    file is renamed to ``path`` (``os.replace``), on an exception it is removed.
-
-    Args:
-        path: final destination. Its parent folder is created when missing.
-        suffix: suffix of the temporary name (some writers pick the format from it).
-
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=str(dest.parent))
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _as_2d(x: Any, name: str) -> np.ndarray:
-    """Return ``x`` as a 2-D numpy array, dropping leading singleton (channel/batch) dimensions."""
-    if hasattr(x, "detach"):  # torch tensor / MetaTensor, without importing torch here
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    while arr.ndim > 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (H, W) or (1, H, W), got shape {tuple(np.shape(x))}.")
-    return arr
+    """``x`` as a 2-D numpy array (:func:`bundle.utils.as_2d`)."""
+    return as_2d(x, name)
 
 
 def _any_pool(mask: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:

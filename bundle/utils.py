@@ -1,14 +1,82 @@
-"""Small helpers of the bottom (I/O) layer that every other layer may use."""
+"""Small helpers of the bottom (I/O) layer that every other layer uses; each exists once here.
+
+- :func:`as_2d`: numpy/torch array to a 2-D numpy array (the maps of this bundle are 2-D; a
+  leading channel or batch axis of size 1 is dropped).
+- :func:`atomic_path`: write a file under a temporary name and rename it into place, with the
+  permissions the umask gives (``tempfile.mkstemp`` alone would leave it 0600).
+- :func:`bundle_version`: the bundle's version from ``configs/metadata.json``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["bundle_version"]
+import numpy as np
+
+__all__ = ["as_2d", "atomic_path", "bundle_version", "umask_mode"]
 
 logger = logging.getLogger("mcref.inference")
+
+
+def as_2d(x: Any, name: str = "array", dtype: Any = None) -> np.ndarray:
+    """``x`` (numpy, torch or MetaTensor) as a 2-D numpy array.
+
+    Args:
+        x: the array; leading singleton axes ((1, H, W), (1, 1, H, W)) are dropped.
+        name: what it is, for the error message.
+        dtype: optional dtype; ``bool`` gives ``x != 0``.
+
+    Raises:
+        ValueError: when it is not 2-D after dropping leading singleton axes.
+    """
+    if hasattr(x, "detach"):  # torch tensor / MetaTensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (H, W) array (leading singleton axes allowed), got shape {np.shape(x)}.")
+    if dtype is bool:
+        return arr if arr.dtype == bool else arr != 0
+    return arr.astype(dtype, copy=False) if dtype is not None else arr
+
+
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` masked by the process umask (the mode ``open()`` would give a new file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """A temporary file name next to ``path``, renamed to ``path`` on a clean exit.
+
+    On an exception the temporary file is removed and ``path`` is left as it was. The final
+    file gets the umask's permissions, like a file written with ``open()``.
+
+    Args:
+        path: final destination; its parent folder is created when missing.
+        suffix: ending of the temporary name (some writers, e.g. nibabel, pick the format from it).
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=str(dest.parent))
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def bundle_version(bundle_root: str | os.PathLike) -> str:
