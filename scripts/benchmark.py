@@ -11,7 +11,9 @@ usage:
 
 Methods name config variants: ``anchor`` (MONAI's ``SlidingWindowInferer``, roi 512, overlap
 0.125, with SegAI's network over the whole preprocessed image: the network pass alone, a
-reference for noisy machines), ``segai`` (configs/inference.json with the refiner off), ``segai_cl`` / ``segai_bf16`` (the same
+reference for noisy machines; it also prints the network's GFLOP per image counted by
+``torch.utils.flop_counter``, the achieved GFLOP/s and their share of the machine's fp32 peak,
+estimated as the best of five 3072 x 3072 ``torch.mm`` products), ``segai`` (configs/inference.json with the refiner off), ``segai_cl`` / ``segai_bf16`` (the same
 in channels-last layout / under bfloat16 autocast),
 ``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``genai_tiles`` (the same with
 the 128 px tile grid instead of hole-centred crops), ``genai_seg0.1`` (the same at the
@@ -56,6 +58,12 @@ METHODS: dict[str, tuple[list[str], dict]] = {
 }
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def _one(method: str, image: str, repeats: int, threads: int) -> dict:
     import torch
 
@@ -71,17 +79,29 @@ def _one(method: str, image: str, repeats: int, threads: int) -> dict:
     for k, v in overrides.items():
         parser[k] = v
     times = []
+    extra: dict = {}
     if method == "anchor":
         from monai.inferers import SlidingWindowInferer
 
         net = parser.get_parsed_content("network")
         x = parser.get_parsed_content("preprocessing")({"image": image})["image"][None]
         swi = SlidingWindowInferer(roi_size=512, overlap=0.125, sw_batch_size=2, mode="constant")
+        from torch.utils.flop_counter import FlopCounterMode
+
         with torch.no_grad():
+            with FlopCounterMode(display=False) as fc:
+                swi(x, net)
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 torch.sigmoid(swi(x, net))
                 times.append(time.perf_counter() - t0)
+            a = torch.rand(3072, 3072)
+            torch.mm(a, a)
+            mm = min(_timed(lambda: torch.mm(a, a)) for _ in range(5))
+        extra = {"network_gflop": round(fc.get_total_flops() / 1e9, 1),
+                 "network_gflops_per_s": round(fc.get_total_flops() / 1e9 / min(times), 1),
+                 "matmul_gflops_per_s": round(2 * 3072**3 / mm / 1e9, 1)}
+        extra["fraction_of_matmul_peak"] = round(extra["network_gflops_per_s"] / extra["matmul_gflops_per_s"], 3)
         h, w = x.shape[-2:]
     else:
         runner = parser.get_parsed_content("runner")
@@ -101,6 +121,7 @@ def _one(method: str, image: str, repeats: int, threads: int) -> dict:
         "megapixels_per_second": round(h * w / 1e6 / best, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
         "threads": threads,
+        **extra,
     }
 
 
@@ -138,6 +159,10 @@ def main() -> int:
         r = json.loads(p.stdout.strip().splitlines()[-1])
         results.append(r)
         print(f"{m:>13}: {r['seconds_per_image']:7.2f} s/image  {r['megapixels_per_second']:6.3f} Mpx/s  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+        if "network_gflops_per_s" in r:
+            print(f"{'':>13}  SegAI network: {r['network_gflop']} GFLOP per image, {r['network_gflops_per_s']} GFLOP/s = "
+                  f"{100 * r['fraction_of_matmul_peak']:.0f} % of this machine's fp32 peak (estimated as the best "
+                  f"of 5 torch.mm 3072^2 products: {r['matmul_gflops_per_s']} GFLOP/s)", flush=True)
     by = {r["method"]: r for r in results}
     for r in results:
         for ref, label in (("anchor", "the SlidingWindowInferer anchor"), ("segai", "SegAI alone"),
