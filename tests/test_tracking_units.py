@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch
