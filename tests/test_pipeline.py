@@ -109,3 +109,19 @@ def test_pipeline_inferer_returns_zeros_for_maps_it_does_not_make():
     out = PipelineInferer(pipe, keys=("prob", "refined_prob"))(x, None, breast=torch.ones_like(x))
     assert out.shape == (2, 2, 16, 16)
     assert float(out[0, 0, 4, 4]) > 0.99 and float(out[:, 1].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["train_segai", "train_inpainter", "train_rflow", "train_mcgenref_seg"])
+def test_train_configs_have_monai_train_properties(name, tmp_path):
+    """MONAI Label and the Deploy bundle tooling drive ``train#trainer``, ``train#dataset``, ... ."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / f"{name}.json"), meta_file=str(ROOT / "configs" / "metadata.json"),
+        logging_file=str(ROOT / "configs" / "logging.conf"), workflow_type="train", bundle_root=str(ROOT),
+        dataset_dir=str(tmp_path / "data"), n_cases=3, phantom_shape=[256, 256], phantom_splits=[2, 1, 0],
+        output_dir=str(tmp_path / "out"), tracking_store=str(tmp_path / "mlruns"),
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    assert wf.parser.get_parsed_content("train#trainer").state.max_epochs == wf.parser.get_parsed_content("max_epochs")
