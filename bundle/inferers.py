@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
 
+from bundle.utils import iter_tiles, tile_starts  # noqa: F401  (re-exported)
+
 __all__ = ["tile_starts", "iter_tiles", "BreastTileInferer"]
-
-
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``[0, length)``.
-
-    The stride is ``round(tile * (1 - overlap))``; the last tile is shifted inward so that it
-    ends exactly at ``length`` (no padding inside the image). When ``length <= tile`` a single
-    tile at 0 is returned (the caller pads).
-
-    Args:
-        length: image extent along one axis.
-        tile: tile extent along that axis.
-        overlap: fraction of overlap between neighbouring tiles, in [0, 1).
-    """
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if length <= tile:
-        return [0]
-    stride = max(1, int(round(tile * (1.0 - overlap))))
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
-
-
-def iter_tiles(shape: Sequence[int], tile: Sequence[int], overlap: float) -> Iterator[tuple[slice, slice]]:
-    """Yield ``(row_slice, col_slice)`` for every tile of a 2-D grid (see :func:`tile_starts`).
-
-    Args:
-        shape: (H, W) of the (padded) image.
-        tile: (th, tw) tile size.
-        overlap: fractional overlap between neighbouring tiles.
-    """
-    for r in tile_starts(shape[0], tile[0], overlap):
-        for c in tile_starts(shape[1], tile[1], overlap):
-            yield slice(r, r + tile[0]), slice(c, c + tile[1])
 
 
 class BreastTileInferer(Inferer):

@@ -29,6 +29,8 @@ from scipy import ndimage as ndi
 from skimage.draw import line as draw_line
 from torch import nn
 
+from bundle.utils import tile_starts  # noqa: F401  (re-exported)
+
 __all__ = [
     "MaskAwareInpainter",
     "MaskAwareSwinBlock",
@@ -586,24 +588,6 @@ class InpaintingLoss(nn.Module):
 # --------------------------------------------------------------------------------------
 # whole-image inference
 # --------------------------------------------------------------------------------------
-def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles covering ``[0, size)``; the last tile is shifted inward.
-
-    Args:
-        size: image side.
-        tile: tile side.
-        overlap: fraction of ``tile`` shared by neighbouring tiles, in [0, 1).
-
-    Returns:
-        sorted start offsets (``[0]`` when ``size <= tile``).
-    """
-    if size <= tile:
-        return [0]
-    stride = max(1, int(round(tile * (1.0 - overlap))))
-    starts = list(range(0, size - tile + 1, stride))
-    if starts[-1] != size - tile:
-        starts.append(size - tile)
-    return starts
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@
 - :func:`atomic_path`: write a file under a temporary name and rename it into place, with the
   permissions the umask gives (``tempfile.mkstemp`` alone would leave it 0600).
 - :func:`bundle_version`: the bundle's version from ``configs/metadata.json``.
+- :func:`tile_starts`, :func:`iter_tiles`: the regular tile grid of the tiled inferers and the
+  inpainter (one definition for both).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["as_2d", "atomic_path", "bundle_version", "umask_mode"]
+__all__ = ["as_2d", "atomic_path", "bundle_version", "iter_tiles", "tile_starts", "umask_mode"]
 
 logger = logging.getLogger("mcref.inference")
 
@@ -93,3 +95,39 @@ def bundle_version(bundle_root: str | os.PathLike) -> str:
     except (OSError, ValueError):
         logger.warning("%s: no readable metadata; derived objects are marked 'unversioned'", meta)
         return "unversioned"
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)``.
+
+    The stride is ``round(tile * (1 - overlap))``; the last tile is shifted inward so that it
+    ends exactly at ``length`` (no padding inside the image). When ``length <= tile`` a single
+    tile at 0 is returned (the caller pads).
+
+    Args:
+        length: image extent along one axis.
+        tile: tile extent along that axis.
+        overlap: fraction of overlap between neighbouring tiles, in [0, 1).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if length <= tile:
+        return [0]
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def iter_tiles(shape: Sequence[int], tile: Sequence[int], overlap: float) -> Iterator[tuple[slice, slice]]:
+    """Yield ``(row_slice, col_slice)`` for every tile of a 2-D grid (see :func:`tile_starts`).
+
+    Args:
+        shape: (H, W) of the (padded) image.
+        tile: (th, tw) tile size.
+        overlap: fractional overlap between neighbouring tiles.
+    """
+    for r in tile_starts(shape[0], tile[0], overlap):
+        for c in tile_starts(shape[1], tile[1], overlap):
+            yield slice(r, r + tile[0]), slice(c, c + tile[1])
