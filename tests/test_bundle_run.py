@@ -130,7 +130,7 @@ def test_two_iteration_training_through_the_bundle_config(tmp_path):
         "--config_file", "configs/train_segai.json",
         "--dataset_dir", str(tmp_path / "data"),
         "--ckpt_dir", str(ckpt),
-        "--output_dir", str(tmp_path / "train_out"),
+        "--output_dir", str(tmp_path / "train_out"), "--tracking_store", str(tmp_path / "mlruns"),
         "--n_cases", "3", "--phantom_splits", "[2, 1, 0]", "--phantom_shape", "[256, 256]",
         "--max_epochs", "1", "--epoch_length", "2", "--val_interval", "1",
         "--num_samples", "2", "--patch_size", "[64, 64]",

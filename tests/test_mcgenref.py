@@ -329,7 +329,7 @@ def test_two_iteration_training_through_the_bundle_config(tmp_path, config, name
 
     ckpt = tmp_path / "models"
     bundle_run("--config_file", f"configs/{config}", "--dataset_dir", str(tmp_path / "data"), "--ckpt_dir", str(ckpt),
-               "--output_dir", str(tmp_path / "out"), *TINY)
+               "--output_dir", str(tmp_path / "out"), "--tracking_store", str(tmp_path / "mlruns"), *TINY)
     path = ckpt / name
     assert path.is_file()
     parser = ConfigParser()

@@ -38,7 +38,7 @@ def ddp_training(tmp_path_factory) -> tuple[Path, str]:
         ["configs/train_segai.json", "configs/multi_gpu_train.json"],
         "--dataset_dir", str(tmp / "data"),
         "--ckpt_dir", str(tmp / "models"),
-        "--output_dir", str(tmp / "train_out"),
+        "--output_dir", str(tmp / "train_out"), "--tracking_store", str(tmp / "mlruns"),
         "--n_cases", "5", "--phantom_splits", "[4, 1, 0]", "--phantom_shape", "[256, 256]",
         "--max_epochs", "1", "--epoch_length", "2", "--val_interval", "1",
         "--num_samples", "2", "--patch_size", "[64, 64]",
@@ -73,7 +73,7 @@ def test_two_process_evaluation_merges_the_shards(ddp_training):
     out = tmp / "eval_out"
     log = torchrun(
         ["configs/evaluate.json", "configs/multi_gpu_evaluate.json"],
-        "--dataset_dir", str(tmp / "heldout"), "--output_dir", str(out),
+        "--dataset_dir", str(tmp / "heldout"), "--output_dir", str(out), "--tracking_store", str(tmp / "mlruns"),
         "--ckpt_path", str(tmp / "models" / "model.pt"), "--n_cases", "3", "--phantom_shape", "[256, 256]",
     )
     counts = {int(r): int(n) for r, n in re.findall(r"mcref ddp evaluate: rank (\d) evaluated (\d+) of 3 cases", log)}
