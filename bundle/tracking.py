@@ -1188,15 +1188,8 @@ class EvaluationReportHandler:
             det = np.asarray([o["detected"] for o in self.objects], bool)
             sizes = np.unique(np.quantile(d, np.linspace(0.1, 1.0, 10)))
             rate = [float(det[d <= s].mean()) for s in sizes]
-            fig = Figure(figsize=(6, 4.2))
-            ax = fig.add_subplot(1, 1, 1)
-            ax.plot(sizes, rate, marker="o", ms=3)
-            ax.set_xlabel("MC diameter at most (mm)")
-            ax.set_ylabel(f"MCs detected at threshold {op:g}")
-            ax.set_ylim(-0.02, 1.02)
-            ax.grid(True, alpha=0.3)
-            ax.set_title(f"detection vs MC size ({len(d)} MCs)", fontsize=9)
-            fig.tight_layout()
+            fig = _rate_figure(sizes, rate, "MC diameter at most (mm)", f"MCs detected at threshold {op:g}",
+                               f"detection vs MC size ({len(d)} MCs)")
             client.log_figure(run_id, fig, "curves/detection_vs_size.png")
             contrast = np.asarray([o["contrast"] for o in self.objects], float)
             ok = np.isfinite(contrast)
@@ -1208,15 +1201,8 @@ class EvaluationReportHandler:
                     if sel.any():
                         centres.append(float(np.median(contrast[sel])))
                         rates.append(float(det[sel].mean()))
-                fig = Figure(figsize=(6, 4.2))
-                ax = fig.add_subplot(1, 1, 1)
-                ax.plot(centres, rates, marker="o", ms=3)
-                ax.set_xlabel("MC contrast: interior - exterior mean (normalised image), bin median")
-                ax.set_ylabel(f"MCs detected at threshold {op:g}")
-                ax.set_ylim(-0.02, 1.02)
-                ax.grid(True, alpha=0.3)
-                ax.set_title("detection vs MC density contrast (quantile bins)", fontsize=9)
-                fig.tight_layout()
+                fig = _rate_figure(centres, rates, "MC contrast: interior - exterior mean (normalised image), bin median",
+                                   f"MCs detected at threshold {op:g}", "detection vs MC density contrast (quantile bins)")
                 client.log_figure(run_id, fig, "curves/detection_vs_density.png")
 
         rows = list(self.metrics.rows)
@@ -1256,3 +1242,27 @@ class TimestepAdapter(torch.nn.Module):
         """
         t = self.default_timestep if timestep is None else float(timestep)
         return self.network(x, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+
+
+def _rate_figure(x: Any, y: Any, xlabel: str, ylabel: str, title: str) -> Any:
+    """A detection-rate curve (rate in [0, 1] against ``x``) as a matplotlib Figure.
+
+    Args:
+        x: abscissae.
+        y: rates.
+        xlabel: x-axis label.
+        ylabel: y-axis label.
+        title: figure title.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(x, y, marker="o", ms=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
