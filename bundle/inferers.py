@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
 
+from bundle.runtime import build_segai_runtime
 from bundle.utils import iter_tiles, tile_starts  # noqa: F401  (re-exported)
 
 __all__ = ["tile_starts", "iter_tiles", "BreastTileInferer"]
@@ -35,6 +36,11 @@ class BreastTileInferer(Inferer):
         autocast_dtype: ``"bfloat16"`` runs the network under ``torch.autocast`` in bfloat16
             (the sum and count images stay float32); None: float32. Check the maps against
             float32 with ``scripts/benchmark.py --compare-bf16`` before using it.
+        backend: ``"torch"`` (default) runs the ``network`` it is called with; ``"openvino"``
+            runs SegAI's ONNX export (``onnx_path``) through OpenVINO on the CPU instead and
+            ignores the ``network`` argument (:class:`bundle.runtime.OpenVINONetwork`, compiled
+            once here; needs ``pip install -e .[openvino]``).
+        onnx_path: the ONNX export for ``backend="openvino"`` (``models/model.onnx``).
     """
 
     def __init__(
@@ -48,8 +54,14 @@ class BreastTileInferer(Inferer):
         progress: bool = False,
         channels_last: bool = False,
         autocast_dtype: str | None = None,
+        backend: str = "torch",
+        onnx_path: str | None = None,
     ) -> None:
         super().__init__()
+        if backend != "torch" and autocast_dtype is not None:
+            raise ValueError(f"autocast_dtype applies to the torch backend only, not to {backend!r}")
+        self.backend = backend
+        self.runtime = build_segai_runtime(backend, onnx_path)  # None for "torch"
         self.channels_last = bool(channels_last)
         if autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}")
@@ -115,6 +127,8 @@ class BreastTileInferer(Inferer):
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, desc="tiles", unit="batch", leave=False)
+        if self.runtime is not None:
+            network = self.runtime
         if self.channels_last and isinstance(network, torch.nn.Module):
             network.to(memory_format=torch.channels_last)
         amp = self.autocast_dtype is not None

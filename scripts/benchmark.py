@@ -14,14 +14,16 @@ Methods name config variants: ``anchor`` (MONAI's ``SlidingWindowInferer``, roi 
 reference for noisy machines; it also prints the network's GFLOP per image counted by
 ``torch.utils.flop_counter``, the achieved GFLOP/s and their share of the machine's fp32 peak,
 estimated as the best of five 3072 x 3072 ``torch.mm`` products), ``segai`` (configs/inference.json with the refiner off), ``segai_cl`` / ``segai_bf16`` (the same
-in channels-last layout / under bfloat16 autocast),
-``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``genai_tiles`` (the same with
+in channels-last layout / under bfloat16 autocast), ``segai_ov`` (SegAI's ONNX export run by
+OpenVINO, ``segai_backend`` "openvino"),
+``genai`` (SegAI+R:GenAI, the default two-stage pipeline), ``genai_ov`` (the same with SegAI
+through OpenVINO), ``genai_tiles`` (the same with
 the 128 px tile grid instead of hole-centred crops), ``genai_seg0.1`` (the same at the
 stricter SegAI operating point 0.1), ``grid`` (grid-mask generative
 baseline with the same inpainter, no SegAI mask), ``mcgenref_init`` (MC-GenRef's
 synthetic-only initializer alone) and ``ttgpr`` (initializer + TT-GPR). Every run is also
-printed as a multiple of ``anchor`` and of ``segai``, and ``ttgpr`` as a multiple of
-``mcgenref_init``.
+printed as a multiple of ``anchor`` and of ``segai``, ``ttgpr`` as a multiple of
+``mcgenref_init`` and ``genai_ov`` as a multiple of ``segai_ov``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ METHODS: dict[str, tuple[list[str], dict]] = {
     # issue 15 levers on SegAI alone: channels-last layout, bfloat16 autocast
     "segai_cl": (["configs/inference.json"], {"refine": False, "inferer#channels_last": True}),
     "segai_bf16": (["configs/inference.json"], {"refine": False, "inferer#autocast_dtype": "bfloat16"}),
+    # SegAI's network through OpenVINO (models/model.onnx; pip install -e .[openvino])
+    "segai_ov": (["configs/inference.json"], {"refine": False, "segai_backend": "openvino"}),
     "genai": (["configs/inference.json"], {}),
+    "genai_ov": (["configs/inference.json"], {"segai_backend": "openvino"}),
     # the same pipeline with the fixed 128 px tile grid instead of hole-centred crops
     "genai_tiles": (["configs/inference.json"], {"genai_kwargs#mode": "tiles", "genai_kwargs#batch_size": 8}),
     # the earlier, stricter SegAI operating point (fewer holes, lower sensitivity)
@@ -166,8 +171,10 @@ def main() -> int:
     by = {r["method"]: r for r in results}
     for r in results:
         for ref, label in (("anchor", "the SlidingWindowInferer anchor"), ("segai", "SegAI alone"),
+                           ("segai_ov", "SegAI alone through OpenVINO"),
                            ("mcgenref_init", "the MC-GenRef initializer alone")):
-            if ref in by and r["method"] not in (ref, "anchor") and (ref in ("segai", "anchor") or r["method"] == "ttgpr"):
+            own = {"mcgenref_init": "ttgpr", "segai_ov": "genai_ov"}.get(ref)
+            if ref in by and r["method"] not in (ref, "anchor") and (ref in ("segai", "anchor") or r["method"] == own):
                 r[f"x_{ref}"] = round(r["seconds_per_image"] / by[ref]["seconds_per_image"], 2)
                 print(f"{r['method']:>13}: {r[f'x_{ref}']:.2f} x {label}")
     if args.json:

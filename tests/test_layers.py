@@ -15,7 +15,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "io": ("utils", "data", "dicom", "clusters", "runstate", "cli"),
     "synthesis": ("phantom",),
     "networks": ("networks", "inpainting"),
-    "inference": ("inferers", "refine", "falsealarm", "pipeline", "mcgenref", "training"),
+    "inference": ("runtime", "inferers", "refine", "falsealarm", "pipeline", "mcgenref", "training"),
     "evaluation": ("objects", "statistics", "metrics", "reports", "study", "tracking"),
     "application": ("engine",),
 }
