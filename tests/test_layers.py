@@ -12,8 +12,9 @@ PKG = Path(__file__).resolve().parents[1] / "bundle"
 
 #: bottom to top; a module may import modules of its own layer or of a lower one.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "io": ("utils", "data", "dicom", "clusters", "runstate", "cli"),
-    "synthesis": ("phantom",),
+    "io": ("utils", "readers", "imagemeta", "loading", "breastmask", "geometry", "preprocessing", "writers", "data",
+           "dicom", "clusters", "runstate", "cli"),
+    "synthesis": ("anatomy", "mcmodel", "phantomimage", "phantomio", "phantom"),
     "networks": ("networks", "inpainting"),
     "inference": ("runtime", "inferers", "refine", "falsealarm", "pipeline", "mcgenref", "training"),
     "evaluation": ("objects", "statistics", "metrics", "reports", "study", "tracking"),
