@@ -3,7 +3,8 @@
 It walks the input folder (or a datalist), runs the preprocessing chain, the inferer and the
 optional refinement on each case, writes the output contract of ``docs/architecture.md``
 atomically and keeps going when one case fails; every failure lands in ``summary.csv`` and
-the log.
+the log. The bookkeeping around the cases (argument checks, warnings of a case, finished cases,
+the run record, the command line's merged config) is in :mod:`bundle.runner_support`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,26 @@ import torch
 
 from bundle.cli import check_command_line
 from bundle.networks import load_checkpoint  # noqa: F401  (re-exported for configs and scripts)
+from bundle.runner_support import (
+    QUIET_WARNINGS,
+    case_finished,
+    check_arguments,
+    input_problem,
+    invocation_config,
+    warning_texts,
+    write_run_record,
+)
 from bundle.utils import bundle_version  # noqa: F401  (re-exported)
 
-__all__ = ["MammogramInference", "check_command_line", "ensure_demo_data", "load_checkpoint", "invocation_config"]
+__all__ = [
+    "MammogramInference",
+    "CLUSTER_COLUMNS",
+    "check_command_line",
+    "ensure_demo_data",
+    "load_checkpoint",
+    "bundle_version",
+    "invocation_config",
+]
 
 logger = logging.getLogger("mcref.inference")
 
@@ -153,7 +171,7 @@ class MammogramInference:
             check_command_line()  # --help, unknown options: before anything is read or written
         self.resume = bool(resume)
         try:
-            _check_arguments(threshold=threshold, refined_threshold=refined_threshold, output_dir=output_dir,
+            check_arguments(threshold=threshold, refined_threshold=refined_threshold, output_dir=output_dir,
                              virtual_normal_range=virtual_normal_range)
         except ValueError as e:
             if self.cli:
@@ -443,7 +461,7 @@ class MammogramInference:
                 "cases": len(files),
                 "settings": settings,
             }
-            _write_run_record(out, run, umask)
+            write_run_record(out, run, umask)
             self.rows = []
             iterator: Any = files
             if self.progress:
@@ -458,7 +476,7 @@ class MammogramInference:
             n_fail = sum(r["status"] != "ok" for r in self.rows)
             run.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        ok=len(self.rows) - n_fail, failed=n_fail, reused=sum(bool(r.get("reused")) for r in self.rows))
-            _write_run_record(out, run, umask)
+            write_run_record(out, run, umask)
         logger.info("%d cases, %d failed, %d reused from an earlier run; summary in %s", len(self.rows), n_fail,
                     run["reused"], summary)
         for r in self.rows:
@@ -499,14 +517,14 @@ class MammogramInference:
         input_sha = ""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for category in _QUIET_WARNINGS:
+            for category in QUIET_WARNINGS:
                 warnings.filterwarnings("ignore", category=category)
             # pydicom's nag about single-component person names (e.g. "ANON") says nothing about the maps
             warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
             try:
                 input_sha = file_sha256(f)
                 marker = read_marker(final) if self.resume else None
-                if _finished(marker, name, run["settings_sha256"], input_sha, final):
+                if case_finished(marker, name, run["settings_sha256"], input_sha, final):
                     row = {**marker["row"], "case": name, "input": str(f)}
                     reused = True
                 else:
@@ -518,7 +536,7 @@ class MammogramInference:
             except Exception as e:  # keep the batch alive, but say what broke
                 discard(staging)
                 staging = None
-                cause = _input_problem(e, MammogramError)
+                cause = input_problem(e, MammogramError)
                 if cause is not None:
                     row.update(status="failed", error=str(cause))
                     logger.error("case %s failed: %s", name, cause)
@@ -526,7 +544,7 @@ class MammogramInference:
                     row.update(status="failed", error=f"{f}: {type(e).__name__}: {e}")
                     logger.exception("case %s failed", name)
         if not reused:
-            texts = _warning_texts(caught, f)
+            texts = warning_texts(caught, f)
             for text in texts:
                 logger.warning("%s", text)
             row["warnings"] = " | ".join(texts)
@@ -556,148 +574,9 @@ class MammogramInference:
         return row
 
 
-_QUIET_WARNINGS: tuple[type[Warning], ...] = (
-    DeprecationWarning, PendingDeprecationWarning, FutureWarning, ResourceWarning, ImportWarning,
-)
-"""Library warning kinds that say nothing about a case (left out of its row)."""
-
-
-def _warning_texts(caught: Sequence[warnings.WarningMessage], source: Path) -> list[str]:
-    """The distinct messages of the warnings caught during one case, each naming the file."""
-    texts: list[str] = []
-    for w in caught:
-        if issubclass(w.category, _QUIET_WARNINGS):
-            continue
-        msg = " ".join(str(w.message).split())
-        if str(source) not in msg:
-            msg = f"{source}: {msg}"
-        if msg not in texts:
-            texts.append(msg)
-    return texts
-
-
-def _finished(marker: Mapping[str, Any] | None, name: str, settings_sha: str, input_sha: str, folder: Path) -> bool:
-    """Whether a case folder's marker says it is complete for these settings and this input."""
-    if not marker or not isinstance(marker.get("row"), Mapping):
-        return False
-    if marker.get("case") != name or marker.get("settings_sha256") != settings_sha:
-        return False
-    if marker.get("input_sha256") != input_sha or marker["row"].get("status") != "ok":
-        return False
-    outputs = marker.get("outputs")
-    return isinstance(outputs, list) and all((folder / str(n)).is_file() for n in outputs)
-
-
-def _write_run_record(out: Path, run: Mapping[str, Any], umask: int) -> None:
-    """Write ``out/run.json``; an earlier run's record is first moved to ``out/runs/<run id>.json``
-    (marked ``interrupted`` when it never finished)."""
-    import json
-
-    from bundle.runstate import write_json_atomic
-
-    path = out / "run.json"
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = None
-    if isinstance(old, dict) and old.get("run_id") and old.get("run_id") != run["run_id"]:
-        if old.get("status") == "running":
-            old["status"] = "interrupted"
-        runs = out / "runs"
-        runs.mkdir(exist_ok=True)
-        write_json_atomic(old, runs / f"{old['run_id']}.json", umask)
-    write_json_atomic(dict(run), path, umask)
-
-
-def _check_arguments(threshold: float, refined_threshold: float, output_dir: Any,
-                     virtual_normal_range: Sequence[float]) -> None:
-    """Refuse runner arguments that cannot work, with a message naming the option.
-
-    Raises:
-        ValueError: one line naming the option and the value.
-    """
-    for key, value in (("threshold", threshold), ("refined_threshold", refined_threshold)):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"--{key} must be a number in [0, 1], got {value!r}") from None
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"--{key} must be in [0, 1], got {value!r}")
-    if output_dir is None or str(output_dir).strip() == "":
-        raise ValueError("--output_dir is empty; give a folder for the outputs")
-    lo, hi = (float(v) for v in virtual_normal_range)
-    if not hi > lo:
-        raise ValueError(f"virtual_normal_range must be (lo, hi) with hi > lo, got {tuple(virtual_normal_range)}")
-
-
-def _input_problem(exc: BaseException, kind: type) -> BaseException | None:
-    """The first exception of type ``kind`` in the cause/context chain of ``exc`` (MONAI's
-    Compose wraps transform errors in ``RuntimeError: applying transform ...``)."""
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, kind):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _stem(path: Path) -> str:
-    """The file name without its image extension (see :func:`bundle.runstate.case_stem`)."""
-    from bundle.runstate import case_stem
-
-    return case_stem(path)
-
-
 def _like(ref: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """Wrap ``data`` as a MetaTensor carrying ``ref``'s meta data (geometry for restoring)."""
     from monai.data import MetaTensor
 
     meta = dict(getattr(ref, "meta", {}) or {})
     return MetaTensor(data, meta=meta)
-
-
-def invocation_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Rebuild the merged config of the running ``python -m monai.bundle run`` from its arguments.
-
-    The config files named by ``--config_file`` are merged and every other ``--key value`` pair
-    is applied as an override, as ``monai.bundle`` does; the result is what MLflow records as
-    the run's configuration. Returns ``{}`` when no ``--config_file`` is found.
-
-    Args:
-        argv: the argument list; defaults to ``sys.argv``.
-    """
-    import ast
-    import sys
-
-    from monai.bundle import ConfigParser
-
-    args = list(sys.argv if argv is None else argv)
-    pairs: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            key, _, val = a[2:].partition("=")
-            if not _ and i + 1 < len(args) and not args[i + 1].startswith("--"):
-                val = args[i + 1]
-                i += 1
-            try:
-                pairs[key] = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                pairs[key] = val
-        i += 1
-    files = pairs.pop("config_file", None)
-    if not files:
-        return {}
-    files = [files] if isinstance(files, str) else list(files)
-    parser = ConfigParser()
-    parser.read_config(files)
-    for k in ("meta_file", "logging_file", "args_file", "tracking", "run_id", "init_id", "final_id"):
-        pairs.pop(k, None)
-    for k, v in pairs.items():
-        parser[k] = v
-    merged = parser.get()
-    merged["_config_files"] = files
-    return merged

@@ -232,7 +232,7 @@ def test_hole_dilation_equals_binary_dilation() -> None:
     from scipy import ndimage as ndi
     from skimage.morphology import disk
 
-    from bundle.refine import _dilate_disk
+    from bundle.refine_maps import _dilate_disk
 
     rng = np.random.default_rng(0)
     for shape, r in (((3, 4), 5), ((40, 30), 2), ((25, 25), 1), ((25, 25), 3)):
