@@ -15,10 +15,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "io": ("utils", "readers", "imagemeta", "loading", "breastmask", "geometry", "preprocessing", "writers", "data",
            "dicom", "clusters", "runstate", "cli"),
     "synthesis": ("anatomy", "mcmodel", "phantomimage", "phantomio", "phantom"),
-    "networks": ("networks", "inpainting"),
-    "inference": ("runtime", "inferers", "refine", "falsealarm", "pipeline", "mcgenref", "training"),
+    "networks": ("networks", "inpainter", "rflow"),
+    "inference": ("runtime", "inferers", "refine", "falsealarm", "pipeline", "mcgenref", "training",
+                  "inpainting", "refine_maps", "synthetic_training", "ttgpr"),
     "evaluation": ("objects", "statistics", "metrics", "reports", "study", "tracking"),
-    "application": ("engine",),
+    "application": ("engine", "runner_support"),
 }
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
 
