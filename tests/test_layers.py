@@ -18,7 +18,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "networks": ("networks", "inpainter", "rflow"),
     "inference": ("runtime", "inferers", "refine", "falsealarm", "pipeline", "mcgenref", "training",
                   "inpainting", "refine_maps", "synthetic_training", "ttgpr"),
-    "evaluation": ("objects", "statistics", "metrics", "reports", "study", "tracking"),
+    "evaluation": ("objects", "statistics", "image_metrics", "detection_curves", "batch_items", "metric_handlers",
+                   "tracking_store", "tracking_identity", "mlflow_artifacts", "metrics", "reports", "study_settings",
+                   "figures", "study_analysis", "study_report", "study_tracking", "evaluation_report", "study",
+                   "tracking"),
     "application": ("engine", "runner_support"),
 }
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
