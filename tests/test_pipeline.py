@@ -111,16 +111,30 @@ def test_pipeline_inferer_returns_zeros_for_maps_it_does_not_make():
     assert float(out[0, 0, 4, 4]) > 0.99 and float(out[:, 1].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("name", ["train_segai", "train_inpainter", "train_rflow", "train_mcgenref_seg"])
-def test_train_configs_have_monai_train_properties(name, tmp_path):
+# the ``_real`` overlays with their base; their real datalists are replaced by a small phantom one
+REAL_OVERLAYS = {"train_segai_real": "real_datalist", "train_inpainter_real": "real_clean_datalist"}
+
+
+@pytest.mark.parametrize("name", ["train_segai", "train_inpainter", "train_rflow", "train_mcgenref_seg",
+                                  "train_segai+train_segai_real", "train_inpainter+train_inpainter_real"])
+def test_train_configs_have_monai_train_properties(name, tmp_path, monkeypatch):
     """MONAI Label and the Deploy bundle tooling drive ``train#trainer``, ``train#dataset``, ... ."""
     from monai.bundle import ConfigWorkflow
 
+    monkeypatch.chdir(ROOT)  # the configs import blocks of configs/inference.json by relative path (``%``)
+    names = name.split("+")
+    extra = {}
+    for overlay, key in REAL_OVERLAYS.items():
+        if overlay in names:
+            from bundle.training import prepare_phantom_data
+
+            extra[key] = str(prepare_phantom_data(tmp_path / "stand_in", n_cases=2, seed=5, shape=(256, 256),
+                                                  splits=(1, 1, 0)))
     wf = ConfigWorkflow(
-        config_file=str(ROOT / "configs" / f"{name}.json"), meta_file=str(ROOT / "configs" / "metadata.json"),
+        config_file=[str(ROOT / "configs" / f"{n}.json") for n in names], meta_file=str(ROOT / "configs" / "metadata.json"),
         logging_file=str(ROOT / "configs" / "logging.conf"), workflow_type="train", bundle_root=str(ROOT),
         dataset_dir=str(tmp_path / "data"), n_cases=3, phantom_shape=[256, 256], phantom_splits=[2, 1, 0],
-        output_dir=str(tmp_path / "out"), tracking_store=str(tmp_path / "mlruns"),
+        output_dir=str(tmp_path / "out"), tracking_store=str(tmp_path / "mlruns"), **extra,
     )
     wf.initialize()
     assert wf.check_properties() == []
