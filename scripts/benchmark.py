@@ -29,6 +29,7 @@ printed as a multiple of ``anchor`` and of ``segai``, ``ttgpr`` as a multiple of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -78,11 +79,13 @@ def _one(method: str, image: str, repeats: int, threads: int) -> dict:
 
     files, overrides = METHODS[method]
     parser = ConfigParser()
-    parser.read_config([str(ROOT / f) for f in files])
-    parser["bundle_root"] = str(ROOT)
-    parser["output_dir"] = tempfile.mkdtemp(prefix="mcref_bench_")
-    for k, v in overrides.items():
-        parser[k] = v
+    with contextlib.chdir(ROOT):  # ``%configs/...`` imports are relative to the working directory
+        parser.read_config([str(ROOT / f) for f in files])
+        parser["bundle_root"] = str(ROOT)
+        parser["output_dir"] = tempfile.mkdtemp(prefix="mcref_bench_")
+        for k, v in overrides.items():
+            parser[k] = v
+        parser.resolve_macro_and_relative_ids()
     times = []
     extra: dict = {}
     if method == "anchor":

@@ -31,6 +31,7 @@ usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -208,9 +209,11 @@ def export_multi_input(spec: Mapping[str, Any], root: Path, ckpt: Path, out_file
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     fmt = meta["other_network_data_formats"][spec["format_key"]]
     parser = ConfigParser()
-    parser.read_config(str(root / spec["config_file"]))
-    parser["bundle_root"] = str(root)
-    net = load_checkpoint(parser.get_parsed_content(spec["net_id"]), ckpt, "cpu").eval()
+    with contextlib.chdir(root):  # ``%configs/...`` imports are relative to the working directory
+        parser.read_config(str(root / spec["config_file"]))
+        parser["bundle_root"] = str(root)
+        network_def = parser.get_parsed_content(spec["net_id"])
+    net = load_checkpoint(network_def, ckpt, "cpu").eval()
     gen = torch.Generator().manual_seed(0)
 
     def inputs(n: int) -> list:

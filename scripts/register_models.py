@@ -28,6 +28,7 @@ back to it. Weights already registered (same name, same SHA-256) are not registe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -89,8 +90,12 @@ def build_network(model: ShippedModel, bundle_root: str | os.PathLike = ROOT) ->
     from bundle.tracking import TimestepAdapter
 
     parser = ConfigParser()
-    parser.read_config(str(Path(bundle_root) / model.config))
-    net = load_checkpoint(parser.get_parsed_content("network_def"), Path(bundle_root) / model.weights, "cpu")
+    # the train configs import blocks of configs/inference.json by a path relative to the working
+    # directory (``%configs/...``): parse from the bundle root, whatever the caller's directory
+    with contextlib.chdir(bundle_root):
+        parser.read_config(str(Path(bundle_root) / model.config))
+        network_def = parser.get_parsed_content("network_def")
+    net = load_checkpoint(network_def, Path(bundle_root) / model.weights, "cpu")
     if model.timestep is not None:
         net = TimestepAdapter(net, model.timestep).eval()
     return net

@@ -17,6 +17,7 @@ by ``--dilation`` pixels; the other inpainting settings (crops or tiles) are tho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,6 +25,24 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_parser(root: Path = ROOT):
+    """The parser of ``configs/evaluate_study.json`` with ``bundle_root`` set and its ``%`` imports
+    expanded. The config imports blocks of ``configs/inference.json`` by a path relative to the
+    working directory, so it is read from the bundle root, whatever the caller's directory.
+
+    Args:
+        root: bundle root.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    with contextlib.chdir(root):
+        parser.read_config(str(Path(root) / "configs" / "evaluate_study.json"))
+        parser["bundle_root"] = str(root)
+        parser.resolve_macro_and_relative_ids()
+    return parser
 
 
 def _metrics(pred: np.ndarray, truth: np.ndarray, breast: np.ndarray) -> tuple[float, float, float]:
@@ -43,7 +62,6 @@ def main() -> int:
     args = ap.parse_args()
     args.segai = list(dict.fromkeys(args.segai))  # a repeated value would be scored twice
     sys.path.insert(0, str(ROOT))
-    from monai.bundle import ConfigParser
     from monai.data import load_decathlon_datalist
     from tqdm import tqdm
 
@@ -51,9 +69,7 @@ def main() -> int:
     from bundle.pipeline import MCPipeline
     from bundle.refine import build_refiner
 
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "evaluate_study.json"))
-    parser["bundle_root"] = str(ROOT)
+    parser = study_parser()
     pre = parser.get_parsed_content("preprocessing")
     inferer = parser.get_parsed_content("inferer")
     seg_net = load_checkpoint(parser.get_parsed_content("network_def"), ROOT / "models" / "model.pt", "cpu")

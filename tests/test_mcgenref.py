@@ -324,8 +324,10 @@ TINY = ("--n_cases", "2", "--phantom_splits", "[2, 0, 0]", "--phantom_shape", "[
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config,name", [("train_mcgenref_seg.json", "mcgenref_seg.pt"), ("train_rflow.json", "rflow.pt")])
-def test_two_iteration_training_through_the_bundle_config(tmp_path, config, name):
+def test_two_iteration_training_through_the_bundle_config(tmp_path, config, name, monkeypatch):
     from monai.bundle import ConfigParser
+
+    monkeypatch.chdir(ROOT)  # the train configs import blocks of configs/inference.json by relative path (``%``)
 
     ckpt = tmp_path / "models"
     bundle_run("--config_file", f"configs/{config}", "--dataset_dir", str(tmp_path / "data"), "--ckpt_dir", str(ckpt),

@@ -25,6 +25,7 @@ def test_registered_models_load_back_and_match_the_bundle_networks(mlflow_server
     from scripts.register_models import SHIPPED, _example, register
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # models:/ URIs resolve through it
+    monkeypatch.chdir(ROOT)  # the train configs import blocks of configs/inference.json by relative path (``%``)
     out = register(SHIPPED, mlflow_server)
     assert {k: v["status"] for k, v in out.items()} == {m.key: "registered" for m in SHIPPED}
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
