@@ -37,6 +37,9 @@ OPTION_HELP: dict[str, str] = {
     "hole_candidate_threshold": "SegAI probability of the marks the hole control considers",
     "refine": "run the generative refinement (False: SegAI alone)",
     "ckpt_path": "SegAI weights",
+    "segai_backend": "\"torch\" (default) or \"openvino\": SegAI's network through OpenVINO (runs onnx_path; "
+                     "needs pip install -e .[openvino])",
+    "onnx_path": "SegAI's ONNX export used by segai_backend openvino (made from ckpt_path, docs/training.md)",
     "inpainter_ckpt_path": "inpainter weights of the refinement",
     "seed": "random seed",
     "device": "torch device (default: cuda when available, else cpu)",

@@ -487,10 +487,21 @@ def test_help_prints_the_options_and_runs_nothing(tmp_path):
     out = tmp_path / "never"
     p = bundle_cli("--help", "--output_dir", str(out))
     assert p.returncode == 0, p.stderr[-2000:]
-    for key in ("--dataset_dir", "--output_dir", "--pixel_spacing", "--refine", "--threshold", "--runner#resume"):
+    for key in ("--dataset_dir", "--output_dir", "--pixel_spacing", "--refine", "--threshold", "--runner#resume",
+                "--segai_backend", "--onnx_path"):
         assert key in p.stdout
     assert not out.exists()  # nothing computed, nothing written
     assert "Traceback" not in p.stderr
+
+
+def test_help_describes_the_segai_runtime_options():
+    from bundle.cli import OPTION_HELP, format_help
+
+    config = json.loads((ROOT / "configs" / "inference.json").read_text())
+    text = format_help(config, ["configs/inference.json"])
+    for key in ("segai_backend", "onnx_path"):
+        assert key in config and f"--{key}" in text and OPTION_HELP[key] in text, key
+    assert "openvino" in OPTION_HELP["segai_backend"] and "pip install -e .[openvino]" in OPTION_HELP["segai_backend"]
 
 
 @pytest.mark.slow
