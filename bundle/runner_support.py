@@ -145,8 +145,9 @@ def invocation_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Rebuild the merged config of the running ``python -m monai.bundle run`` from its arguments.
 
     The config files named by ``--config_file`` are merged and every other ``--key value`` pair
-    is applied as an override, as ``monai.bundle`` does; the result is what MLflow records as
-    the run's configuration. Returns ``{}`` when no ``--config_file`` is found.
+    is applied as an override, as ``monai.bundle`` does, and the ``%`` imports are expanded; the
+    result is what MLflow records as the run's configuration. Returns ``{}`` when no
+    ``--config_file`` is found.
 
     Args:
         argv: the argument list; defaults to ``sys.argv``.
@@ -181,6 +182,9 @@ def invocation_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
         pairs.pop(k, None)
     for k, v in pairs.items():
         parser[k] = v
+    # ``%file#id`` imports expanded (relative to the working directory, as the run itself resolved
+    # them), so the record shows the configuration that ran, as its MLflow copy does
+    parser.resolve_macro_and_relative_ids()
     merged = parser.get()
     merged["_config_files"] = files
     return merged

@@ -330,6 +330,22 @@ def test_formatting_marked_section_and_command(tmp_path):
     assert cmd == "python -m monai.bundle run --config_file configs/evaluate_study.json --methods \"['segai','segai+genai']\""
 
 
+def test_invocation_config_expands_the_config_imports(monkeypatch):
+    """The study's ``summary/config.json`` (``invocation_config``) shows the imported blocks, not ``%`` macros."""
+    from bundle.engine import invocation_config
+
+    monkeypatch.chdir(ROOT)  # as the run, the imports resolve relative to the working directory
+    cfg = invocation_config(["/x/site-packages/monai/bundle/__main__.py", "run", "--config_file",
+                             "configs/evaluate_study.json", "--network_def#channels", "[8, 16]", "--n_cases", "3"])
+    assert "%configs/" not in json.dumps(cfg, default=str)
+    inference = json.loads((ROOT / "configs" / "inference.json").read_text())
+    assert cfg["network_def"]["_target_"] == inference["network_def"]["_target_"]
+    assert cfg["network_def"]["strides"] == inference["network_def"]["strides"]
+    assert cfg["network_def"]["channels"] == [8, 16] and cfg["n_cases"] == 3  # overrides still applied
+    assert cfg["working_spacing"] == inference["working_spacing"]
+    assert cfg["_config_files"] == ["configs/evaluate_study.json"]
+
+
 def test_methods_without_weights_are_skipped_with_reasons():
     refiners, skipped = build_study_refiners(
         ["segai", "sp1", "segai+genai", "grid_genai", "nonsense"], False, "models/model.pt: checkpoint not found",
@@ -501,6 +517,8 @@ def test_bundle_study_end_to_end(tmp_path):
     assert "p_vs_ref_sensitivity" in by_name["segai"].data.metrics
     summ = {a.path for a in client.list_artifacts(by_name["summary"].info.run_id, "summary")}
     assert {"summary/report.html", "summary/fig6a.png", "summary/froc.png", "summary/config.json"} <= summ
+    on_disk = (out / "summary" / "config.json").read_text()  # the configuration that ran, imports expanded
+    assert "%configs/" not in on_disk and json.loads(on_disk)["network_def"]["channels"] == [8, 16]
 
     md = (out / "results.md").read_text()
     for needle in ("### Table 1", "### Table 2", "### Table 3", "### Cluster FROC", "### Detection metrics", "SegAI+R:GenAI",
