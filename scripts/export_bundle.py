@@ -13,6 +13,13 @@ The RF generator's ``forward(x, timesteps)`` takes two tensors, which these comm
 feed; it is checked against its metadata format and traced in Python instead
 (:func:`export_multi_input`).
 
+When ``--ckpt`` gives SegAI weights other than ``models/model.pt``, the archive's
+``models/model.onnx`` (the OpenVINO runtime's network, ``segai_backend openvino``) is exported
+again from them with the bundle's own command (``bundle.runtime.EXPORT_COMMAND``, docs/training.md
+"SegAI's ONNX export"; needs ``pip install onnx onnxscript``, refused up front without them), and
+checked against the weights through OpenVINO when it is installed. The bundle's own
+``models/model.onnx`` is never rewritten (not even with ``--in_place``).
+
 Then ``python -m monai.bundle verify_metadata`` against the schema copy in
 ``docs/monai_meta_schema_20240725.json`` (offline), and the archive: ``configs/``, ``models/``
 (checkpoints and their TorchScript exports), ``docs/``, the ``bundle/`` Python package and
@@ -32,9 +39,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import filecmp
 import hashlib
+import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -103,11 +113,21 @@ NETWORKS: tuple[dict[str, Any], ...] = (
     },
 )
 
+# SegAI's ONNX export (OpenVINO runtime) and the checkpoint it is made from: the archive's ONNX
+# file must come from the archive's checkpoint (see export_onnx)
+ONNX_FILE = "models/model.onnx"
+ONNX_SOURCE = "models/model.pt"
+ONNX_LOGIT_ATOL = 1e-2  # as tests/test_runtime.py: OpenVINO vs torch logits differ by rounding only
+
 INCLUDE_DIRS = ("configs", "models", "docs", "bundle")
 INCLUDE_FILES = ("LICENSE", "README.md")
 EXCLUDE_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints", "eval", "work_data", "mlruns", "tests"}
 EXCLUDE_SUFFIXES = (".pyc", ".pyo", ".tmp", ".lock", ".log")
 SCHEMA = "docs/monai_meta_schema_20240725.json"
+
+
+class ExportError(RuntimeError):
+    """A request the export refuses (reported as one line by :func:`main`)."""
 
 
 def _bundle_cmd(args: Sequence[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -272,6 +292,109 @@ def _export_cli(
             "key_in_ckpt": key, "verified": verify}
 
 
+def require_onnx_tools(ckpt: Path) -> None:
+    """Raise :class:`ExportError` unless ``onnx`` and ``onnxscript`` (needed by the ONNX export) are installed.
+
+    Args:
+        ckpt: the SegAI weights to export (named in the message).
+    """
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"the archive's SegAI weights ({ckpt}) are not the bundle's {ONNX_SOURCE}, so {ONNX_FILE} must be "
+                          f"exported again from them, which needs {' and '.join(missing)}: pip install onnx onnxscript "
+                          "(docs/training.md, SegAI's ONNX export)")
+
+
+def export_onnx(root: Path, ckpt: Path, out_file: Path, verify: bool, timeout: int) -> dict:
+    """Export SegAI's ONNX file from ``ckpt`` with the bundle's documented command.
+
+    The command is ``bundle.runtime.EXPORT_COMMAND`` (docs/training.md) with ``--ckpt_file`` and
+    ``--filepath`` replaced (and ``--key_in_ckpt`` for a ``{"network": ...}`` checkpoint), run from
+    ``root``. With ``verify`` and OpenVINO installed, the file's logits are compared with the
+    torch network's on two random tiles.
+
+    Args:
+        root: bundle root.
+        ckpt: SegAI weights.
+        out_file: ONNX destination.
+        verify: compare the export with the weights (when OpenVINO is installed).
+        timeout: seconds for the MONAI command.
+    """
+    require_onnx_tools(ckpt)
+    sys.path.insert(0, str(root))
+    from bundle.runtime import EXPORT_COMMAND
+
+    cmd = shlex.split(EXPORT_COMMAND)
+    if cmd[:3] != ["python", "-m", "monai.bundle"] or "--filepath" not in cmd or "--ckpt_file" not in cmd:
+        raise ExportError(f"bundle.runtime.EXPORT_COMMAND is not a monai.bundle command with --filepath and --ckpt_file: "
+                          f"{EXPORT_COMMAND}")
+    args = cmd[3:]
+    args[args.index("--filepath") + 1] = str(out_file)
+    args[args.index("--ckpt_file") + 1] = str(ckpt)
+    key = key_in_checkpoint(ckpt)
+    if key:
+        args += ["--key_in_ckpt", key]
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    _bundle_cmd(args, root, timeout)
+    if not out_file.is_file():
+        raise RuntimeError(f"onnx_export wrote no {out_file}")
+    err = None
+    if verify and importlib.util.find_spec("openvino") is not None:
+        import torch
+        from monai.bundle import ConfigParser
+
+        from bundle.engine import load_checkpoint
+        from bundle.runtime import OpenVINONetwork
+
+        parser = ConfigParser()  # the network the command exported: its net_id of its config
+        with contextlib.chdir(root):
+            parser.read_config(args[args.index("--config_file") + 1])
+            parser["bundle_root"] = str(root)
+            network_def = parser.get_parsed_content(args[1])
+        net = load_checkpoint(network_def, ckpt, "cpu").eval()
+        ov_net = OpenVINONetwork(out_file)
+        g = torch.Generator().manual_seed(0)
+        err = 0.0
+        for shape in [(1, 1, 512, 512), (2, 1, 256, 384)]:  # the dynamic axes too
+            x = torch.rand(shape, generator=g)
+            with torch.no_grad():
+                err = max(err, float((ov_net(x) - net(x)).abs().max()))
+        if err > ONNX_LOGIT_ATOL:
+            raise RuntimeError(f"{out_file}: OpenVINO logits differ from {ckpt}'s by {err:.3g} > {ONNX_LOGIT_ATOL}")
+    return {"name": "segai_onnx", "filepath": ONNX_FILE, "ckpt_file": str(ckpt), "key_in_ckpt": key,
+            "verified": err is not None, "max_abs_diff": err}
+
+
+def _checkpoint(root: Path, networks: Sequence[Mapping[str, Any]], i: int, ckpts: Mapping[str, Path]) -> Path:
+    """The checkpoint of ``networks[i]``: ``--ckpt NAME=PATH``, or ``NET_ID=PATH`` for the first
+    network of that net_id only, else the spec's ``ckpt_file``."""
+    spec = networks[i]
+    shared = any(o["net_id"] == spec["net_id"] for o in networks[:i])
+    return Path(ckpts.get(spec["name"], None if shared else ckpts.get(spec["net_id"])) or root / spec["ckpt_file"])
+
+
+def onnx_source(root: Path, networks: Sequence[Mapping[str, Any]], ckpts: Mapping[str, Path]) -> Path | None:
+    """The checkpoint ``models/model.onnx`` must be exported from again, or None when the
+    bundle's own export fits the archive (no ONNX file, or the archive's ``models/model.pt`` is
+    the bundle's, byte for byte).
+
+    Args:
+        root: bundle root.
+        networks: network specs.
+        ckpts: the ``--ckpt`` overrides.
+    """
+    own = root / ONNX_SOURCE
+    if not (root / ONNX_FILE).is_file():
+        return None
+    for i, spec in enumerate(networks):
+        if spec["ckpt_file"] != ONNX_SOURCE:
+            continue
+        ckpt = _checkpoint(root, networks, i, ckpts)
+        if ckpt.is_file() and not (own.is_file() and filecmp.cmp(ckpt, own, shallow=False)):
+            return ckpt
+    return None
+
+
 def _excluded(rel: Path) -> bool:
     return any(part in EXCLUDE_PARTS or part.startswith(".") for part in rel.parts) or rel.name.endswith(EXCLUDE_SUFFIXES)
 
@@ -349,6 +472,9 @@ def build(
     ckpts = dict(ckpts or {})
     files = bundle_files(root)
     report: dict[str, Any] = {"networks": [], "skipped": []}
+    onnx_ckpt = onnx_source(root, networks, ckpts)
+    if onnx_ckpt is not None:  # refuse before any export rather than after
+        require_onnx_tools(onnx_ckpt)
     if verify:
         schema = root / SCHEMA
         if not schema.is_file():
@@ -359,9 +485,7 @@ def build(
     with tempfile.TemporaryDirectory(prefix="mcref_export_") as stage_dir:
         stage = Path(stage_dir)
         for i, spec in enumerate(networks):
-            # --ckpt NAME=PATH, or NET_ID=PATH for the first network of that net_id only
-            shared = any(o["net_id"] == spec["net_id"] for o in networks[:i])
-            ckpt = Path(ckpts.get(spec["name"], None if shared else ckpts.get(spec["net_id"])) or root / spec["ckpt_file"])
+            ckpt = _checkpoint(root, networks, i, ckpts)
             if not ckpt.is_file():
                 if spec.get("required", False):
                     raise FileNotFoundError(f"{ckpt}: checkpoint of {spec['name']} ({spec['net_id']}) not found; "
@@ -376,6 +500,10 @@ def build(
                 dest = root / spec["filepath"]
                 if dest.resolve() != ts.resolve():
                     shutil.copyfile(ts, dest)
+        if onnx_ckpt is not None:
+            onnx_file = stage / ONNX_FILE
+            report["onnx"] = export_onnx(root, onnx_ckpt, onnx_file, verify, timeout)
+            files[ONNX_FILE] = onnx_file
         rep_file = stage / "export.json"
         rep_file.write_text(json.dumps(report, indent=2) + "\n")
         files["models/export.json"] = rep_file
@@ -407,7 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--ckpt expects NET_ID=PATH, got {item!r}")
         ckpts[key] = Path(path).resolve()
     networks = json.loads(Path(args.networks).read_text()) if args.networks else NETWORKS
-    report = build(root, output.resolve(), ckpts, networks, verify=not args.no_verify, in_place=args.in_place)
+    try:
+        report = build(root, output.resolve(), ckpts, networks, verify=not args.no_verify, in_place=args.in_place)
+    except ExportError as e:
+        print(f"export_bundle: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2))
     return 0
 

@@ -237,6 +237,58 @@ def test_unsafe_bundle_archive_is_refused(tmp_path):
         resolve_bundle(tmp_path, cache_dir=tmp_path / "cache")
 
 
+def _other_segai_weights(path: Path) -> Path:
+    import torch
+
+    from bundle.networks import SegAINet
+
+    torch.manual_seed(1)
+    torch.save(SegAINet().state_dict(), path)  # random weights: not models/model.pt
+    return path
+
+
+def test_other_segai_weights_without_onnx_tools_are_refused_up_front(tmp_path, monkeypatch):
+    import shutil
+
+    from scripts.export_bundle import NETWORKS, ExportError, build, onnx_source
+
+    segai = [n for n in NETWORKS if n["name"] == "segai"]
+    other = _other_segai_weights(tmp_path / "other.pt")
+    same = tmp_path / "same.pt"
+    shutil.copyfile(ROOT / "models" / "model.pt", same)
+    assert onnx_source(ROOT, NETWORKS, {}) is None  # the shipped export fits the shipped weights
+    assert onnx_source(ROOT, NETWORKS, {"network_def": same}) is None  # the same bytes elsewhere
+    assert onnx_source(ROOT, NETWORKS, {"mcgenref_seg": other}) is None  # not SegAI's checkpoint
+    assert onnx_source(ROOT, NETWORKS, {"network_def": other}) == other
+    assert onnx_source(ROOT, NETWORKS, {"segai": other}) == other
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # importlib.util.find_spec -> None: "not installed"
+    with pytest.raises(ExportError, match=r"models/model.onnx must be exported again.*pip install onnx onnxscript"):
+        build(ROOT, tmp_path / "b.zip", {"network_def": other}, segai, verify=False)
+    assert not (tmp_path / "b.zip").exists()
+
+
+@pytest.mark.slow
+def test_other_segai_weights_get_their_own_onnx_export(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    import hashlib
+
+    from scripts.export_bundle import NETWORKS, build
+
+    shipped = hashlib.sha256((ROOT / "models" / "model.onnx").read_bytes()).hexdigest()
+    other = _other_segai_weights(tmp_path / "other.pt")
+    segai = [n for n in NETWORKS if n["name"] == "segai"]
+    report = build(ROOT, tmp_path / "b.zip", {"network_def": other}, segai, verify=True)
+    with zipfile.ZipFile(tmp_path / "b.zip") as zf:
+        onnx_bytes = zf.read("mcref/models/model.onnx")
+        assert zf.read("mcref/models/model.pt") == other.read_bytes()
+    assert hashlib.sha256(onnx_bytes).hexdigest() != shipped
+    assert report["onnx"]["ckpt_file"] == str(other) and report["onnx"]["filepath"] == "models/model.onnx"
+    if __import__("importlib").util.find_spec("openvino") is not None:  # the export holds the other weights
+        assert report["onnx"]["verified"] and report["onnx"]["max_abs_diff"] <= 1e-2
+    assert hashlib.sha256((ROOT / "models" / "model.onnx").read_bytes()).hexdigest() == shipped  # left alone
+
+
 def test_overrides_parse_and_protect_the_app_ids():
     from deploy.mcref_app.bundle_io import BundleError, parse_override
 
