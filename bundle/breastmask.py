@@ -259,8 +259,6 @@ class BreastMaskd(MapTransform):
             ``MammogramError("no breast found ...")``: noise has about 0.001, mammograms 0.3 and more.
     """
 
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
-
     def __init__(
         self,
         image_key: str = "image",

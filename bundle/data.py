@@ -21,8 +21,8 @@ layer-sized modules of the io layer:
 - :mod:`bundle.writers`: atomic NIfTI/PNG writers;
 - :mod:`bundle.imagemeta`: MetaTensor helpers shared by the transforms.
 
-The transform classes and :class:`MammogramError` report ``bundle.data`` as their ``__module__``,
-so run records and settings fingerprints name them as before.
+The classes report their own module (e.g. ``bundle.geometry.OrientBreastd``) as ``__module__``,
+as the other split modules' classes do; ``bundle.data.X`` stays a valid import path.
 """
 
 from __future__ import annotations

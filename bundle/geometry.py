@@ -109,8 +109,6 @@ class OrientBreastd(MapTransform):
         allow_missing_keys: don't raise when a key is absent.
     """
 
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
-
     def __init__(
         self,
         keys: KeysCollection,
@@ -194,8 +192,6 @@ class ResampleToSpacingd(MapTransform):
             inverse: such factors mean the spacing is wrong (e.g. a PNG read at 1 mm).
         allow_missing_keys: don't raise when a key is absent.
     """
-
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
 
     def __init__(
         self,
@@ -282,8 +278,6 @@ class RestoreGeometryd(MapTransform):
             small bright spots keep their peak value).
         allow_missing_keys: don't raise when a key is absent.
     """
-
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
 
     def __init__(
         self,

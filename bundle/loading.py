@@ -172,8 +172,6 @@ class LoadMammogramd(MapTransform):
         allow_missing_keys: don't raise when a key is absent.
     """
 
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
-
     def __init__(
         self,
         keys: KeysCollection = "image",
@@ -333,8 +331,6 @@ class LoadINbreastLabeld(MapTransform):
         cluster_key: where to put the cluster mask (``None``: not stored).
         allow_missing_keys: don't raise when a key is absent.
     """
-
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
 
     def __init__(
         self,

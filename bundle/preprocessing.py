@@ -46,8 +46,6 @@ class NormalizeMammogramd(MapTransform):
         allow_missing_keys: don't raise when a key is absent.
     """
 
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
-
     def __init__(
         self,
         keys: KeysCollection = "image",

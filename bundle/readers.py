@@ -81,8 +81,6 @@ class MammogramError(ValueError):
         problem: what is wrong, in words.
     """
 
-    __module__ = "bundle.data"  # its public path (configs, run records): bundle.data re-exports it
-
     def __init__(self, path: PathLike | None, problem: str) -> None:
         self.path = str(path) if path is not None else ""
         self.problem = str(problem)
