@@ -126,6 +126,18 @@ def _source_spacing(source: Any) -> tuple[float, float] | None:
     return None
 
 
+def _derived_ids(sop: str, kind: str, version: str, manufacturer: str) -> dict[str, Any]:
+    """The series/instance identity of the derived object ``kind`` of the image ``sop`` (highdicom
+    keyword arguments shared by the Secondary Capture and SEG objects)."""
+    return {
+        "series_instance_uid": derived_uid(sop, f"{kind}-series", version),
+        "series_number": _SERIES_NUMBERS.get(kind, 9199),
+        "sop_instance_uid": derived_uid(sop, kind, version),
+        "instance_number": 1,
+        "manufacturer": manufacturer,
+    }
+
+
 def make_map_sc(
     source: Any,
     values: np.ndarray,
@@ -173,11 +185,7 @@ def make_map_sc(
         photometric_interpretation="MONOCHROME2",
         bits_allocated=16,
         coordinate_system="PATIENT" if orientation else None,
-        series_instance_uid=derived_uid(sop, f"{kind}-series", version),
-        series_number=_SERIES_NUMBERS.get(kind, 9199),
-        sop_instance_uid=derived_uid(sop, kind, version),
-        instance_number=1,
-        manufacturer=manufacturer,
+        **_derived_ids(sop, kind, version, manufacturer),
         pixel_spacing=spacing,
         laterality=lat if lat in ("L", "R") else None,
         patient_orientation=orientation,
@@ -270,11 +278,7 @@ def _segmentation(
         pixel_array=frame[None],
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment_description(source, label, version, algorithm)],
-        series_instance_uid=derived_uid(sop, f"{kind}-series", version),
-        series_number=_SERIES_NUMBERS.get(kind, 9199),
-        sop_instance_uid=derived_uid(sop, kind, version),
-        instance_number=1,
-        manufacturer=manufacturer,
+        **_derived_ids(sop, kind, version, manufacturer),
         manufacturer_model_name=algorithm,
         software_versions=str(version),
         device_serial_number="0",
