@@ -18,7 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-__all__ = ["single_linkage_groups", "find_clusters", "label_maxima", "mark_table", "cluster_table"]
+__all__ = ["single_linkage_groups", "find_clusters", "label_maxima", "drop_large_marks", "mark_table", "cluster_table"]
 
 
 def _pairs_within(points: np.ndarray, radius: float) -> np.ndarray:
@@ -111,6 +111,36 @@ def label_maxima(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     out = np.full(n + 1, -np.inf)
     np.maximum.at(out, flat[idx], np.asarray(values).ravel()[idx].astype(np.float64))
     return out[1:]
+
+
+def drop_large_marks(mask: np.ndarray, max_diameter_mm: float, spacing_mm: float, connectivity: int = 2) -> np.ndarray:
+    """``mask`` without the marks larger than a microcalcification.
+
+    A mark (connected component) whose area exceeds that of a disk of ``max_diameter_mm`` is
+    removed: calcifications of 1 mm or more are macrocalcifications (vascular, dystrophic), and on
+    real FFDM such large marks are mostly tissue edges, vessels and markers. It is the size
+    counterpart of :class:`skimage.morphology.remove_small_objects` (which keeps only objects
+    *above* a size), written with ``scipy.ndimage.label`` and ``bincount``.
+
+    Args:
+        mask: (H, W) binary mask.
+        max_diameter_mm: largest equivalent-disk diameter kept, in mm.
+        spacing_mm: pixel spacing of ``mask`` in mm.
+        connectivity: 1 (4-) or 2 (8-connectivity) of the marks.
+
+    Returns:
+        (H, W) bool mask.
+    """
+    if max_diameter_mm <= 0 or spacing_mm <= 0:
+        raise ValueError(f"max_diameter_mm and spacing_mm must be > 0, got {max_diameter_mm}, {spacing_mm}")
+    m = np.asarray(mask, dtype=bool)
+    labels, n = ndimage.label(m, structure=ndimage.generate_binary_structure(2, connectivity))
+    if n == 0:
+        return m
+    max_px = np.pi * (0.5 * max_diameter_mm / spacing_mm) ** 2
+    keep = np.bincount(labels.ravel(), minlength=n + 1) <= max_px
+    keep[0] = False
+    return keep[labels]
 
 
 def _diameter(points: np.ndarray) -> float:

@@ -9,7 +9,8 @@ named maps:
 - ``prob``: SegAI's probability, float32 in [0, 1];
 - ``mask``: ``prob >= threshold`` (the high-sensitivity map, the refinement's hole);
 - ``refined_prob``, ``refined_mask``, ``virtual_normal`` when a refiner is set (the refined
-  mask is ``refined_prob >= refined_threshold`` or, with ``false_alarm``, that control's mask),
+  mask is ``refined_prob >= refined_threshold`` or, with ``false_alarm``, that control's mask,
+  less the marks larger than ``max_mark_diameter_mm``),
   plus whatever else the refiner returns (e.g. ``hole``);
 - ``extras``: per-image operating points (``hole_threshold_image``,
   ``refined_threshold_image``) for the summary row.
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundle.clusters import drop_large_marks
 from bundle.utils import as_2d
 
 __all__ = ["MCPipeline", "PipelineInferer"]
@@ -56,6 +58,10 @@ class MCPipeline:
             SegAI's map only inside the marks it keeps.
         false_alarm: optional per-image operating point of the refined mask (same kind of
             callable, applied to the refined probability); replaces ``refined_threshold``.
+        max_mark_diameter_mm: optional size limit of the refined mask's marks: a mark larger
+            than a disk of this diameter is removed (:func:`bundle.clusters.drop_large_marks`:
+            not a microcalcification). None keeps every mark.
+        spacing_mm: pixel spacing of the working grid in mm (for ``max_mark_diameter_mm``).
         device: device of the network.
         uses_segai: whether the refiner needs SegAI's map; None reads the refiner's ``needs``
             attribute (default: it does).
@@ -72,6 +78,8 @@ class MCPipeline:
         false_alarm: Callable[..., Mapping[str, Any]] | None = None,
         device: str | torch.device = "cpu",
         uses_segai: bool | None = None,
+        max_mark_diameter_mm: float | None = None,
+        spacing_mm: float = 0.07,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -82,6 +90,10 @@ class MCPipeline:
         self.false_alarm = false_alarm
         self.device = torch.device(device)
         self.uses_segai = uses_segai
+        if max_mark_diameter_mm is not None and (max_mark_diameter_mm <= 0 or spacing_mm <= 0):
+            raise ValueError(f"max_mark_diameter_mm and spacing_mm must be > 0, got {max_mark_diameter_mm}, {spacing_mm}")
+        self.max_mark_diameter_mm = None if max_mark_diameter_mm is None else float(max_mark_diameter_mm)
+        self.spacing_mm = float(spacing_mm)
 
     # ------------------------------------------------------------------ stage 1
     @torch.no_grad()
@@ -149,6 +161,8 @@ class MCPipeline:
             extras["refined_threshold_image"] = round(float(fa["threshold"]), 6)
         else:
             rm = rp >= (self.refined_threshold if threshold is None else float(threshold))
+        if self.max_mark_diameter_mm is not None and refiner is None:
+            rm = drop_large_marks(rm, self.max_mark_diameter_mm, self.spacing_mm)
         res: dict[str, Any] = {k: v for k, v in out.items() if k != "virtual_normal"}
         res.update(refined_prob=rp, refined_mask=rm, extras=extras)
         if out.get("virtual_normal") is not None:

@@ -63,6 +63,28 @@ def test_pipeline_names_its_maps_and_applies_operating_points():
         MCPipeline(Doubler(), plain, lambda i, p, b: {"prob": np.zeros((3, 3))})(img, breast)
 
 
+def test_marks_larger_than_a_microcalcification_leave_the_refined_mask():
+    from bundle.clusters import drop_large_marks
+
+    img = np.full((64, 64), 0.5, np.float32)
+    img[5:7, 5:7] = 2.0  # 4 px = 0.0196 mm^2 at 0.07 mm: an MC
+    img[30:50, 30:50] = 2.0  # 400 px = 1.96 mm^2, equivalent diameter 1.58 mm: not an MC
+    img[10:22, 40:42] = 2.0  # 24 px, thin: equivalent diameter 0.39 mm, kept
+    ident = lambda image, prob, b: {"prob": np.clip(image - 1.0, 0, 1)}  # noqa: E731
+    ident.needs = ()
+    plain_maps = MCPipeline(None, None, ident, refined_threshold=0.5)(img)
+    assert plain_maps["refined_mask"][40, 40] and plain_maps["refined_mask"][5, 5]
+    maps = MCPipeline(None, None, ident, refined_threshold=0.5, max_mark_diameter_mm=1.0, spacing_mm=0.07)(img)
+    assert not maps["refined_mask"][30:50, 30:50].any()
+    assert maps["refined_mask"][5:7, 5:7].all() and maps["refined_mask"][10:22, 40:42].all()
+    np.testing.assert_array_equal(maps["refined_prob"], plain_maps["refined_prob"])  # the map is not touched
+    # the limit is an area: at a coarser spacing the same square is under 1 mm and stays
+    assert drop_large_marks(img > 1.5, 1.0, 0.02)[40, 40]
+    assert not drop_large_marks(img > 1.5, 1.0, 0.07)[40, 40]
+    with pytest.raises(ValueError, match="must be > 0"):
+        MCPipeline(None, None, ident, max_mark_diameter_mm=0.0)
+
+
 @pytest.fixture(scope="module")
 def one_phantom(tmp_path_factory) -> Path:
     from bundle.phantom import make_dataset
