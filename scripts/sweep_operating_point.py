@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Choose the hole control's cluster rate and the refined mask's mark-size limit on VALIDATION views.
+
+usage:
+    python scripts/sweep_operating_point.py FOLDER [FOLDER ...] [--cache DIR]
+        [--cluster 40 50 60 70 80 100] [--max-diameter 0.8 1.0 1.5] [--refined 0.6]
+
+Every FOLDER holds images with their ``<stem>_label.nii.gz`` (an all-zero label = an MC-free
+view), e.g. ``work_data/real/validation`` and the validation phantoms. Each case is read with the
+bundle's preprocessing (labels resampled with it, nearest neighbour, onto the 0.07 mm working
+grid), SegAI runs once, and the GenAI refinement runs once on the hole of the loosest cluster
+rate; both are cached in ``--cache`` (a rerun only scores). For every cluster rate the refined map
+is restricted to that rate's hole (its holes are nested in the loosest one's; the inpainter's
+crops are local, so this stands in for a rerun), thresholded at ``--refined`` and, per
+``--max-diameter``, cleared of larger marks. Printed per setting, on the working grid: false
+marks and activation of the MC-free real views, MC objects >= 0.2 mm and clusters found, false
+marks and pixel sensitivity of the injected views, and objects / pixel sensitivity of the
+phantoms (folder names containing "phantom"). Official figures come from the main command and
+``scripts/score_outputs.py`` on the native grid (docs/results.md, section 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+S8 = np.ones((3, 3), bool)
+
+
+def _cache_case(pipe, pre, img: Path, lab: Path, spacing: float, loosest: float, out: Path) -> None:
+    from bundle.falsealarm import FalseAlarmControl
+
+    d = pre({"image": str(img), "label": str(lab)})
+    x = np.asarray(d["image"][0])
+    b = np.asarray(d["breast"][0]) > 0
+    y = np.asarray(d["label"][0]) > 0
+    prob = pipe.segai(x, b)
+    hc = pipe.hole_control
+    ctl = FalseAlarmControl(expected_false_marks=hc.expected_false_marks, cluster_false_marks=loosest,
+                            candidate_threshold=hc.candidate_threshold, fit_ranks=hc.fit_ranks,
+                            min_threshold=hc.min_threshold, max_threshold=hc.max_threshold, spacing_mm=spacing)
+    mask = np.asarray(ctl(prob, b)["mask"])
+    ref = pipe.refiner(x, prob * mask, b)
+    hole = np.flatnonzero(np.asarray(ref["hole"]))
+    rec = {"shape": y.shape, "truth": np.flatnonzero(y), "breast": np.packbits(b), "pidx": np.flatnonzero(prob >= 0.05),
+           "hole": hole, "rp": np.asarray(ref["prob"], np.float32).ravel()[hole].astype(np.float16)}
+    rec["pval"] = prob.ravel()[rec["pidx"]].astype(np.float16)
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump(rec, fh)
+    tmp.replace(out)
+
+
+def _dense(rec: dict, idx: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    a = np.zeros(int(np.prod(rec["shape"])), np.float32 if values is not None else bool)
+    a[idx] = True if values is None else values.astype(np.float32)
+    return a.reshape(rec["shape"])
+
+
+def _truth(truth: np.ndarray, spacing: float) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, int]:
+    from bundle.clusters import find_clusters
+
+    tl, nt = ndimage.label(truth, S8)
+    sizes = np.bincount(tl.ravel(), minlength=nt + 1)[1:]
+    inc = 2 * np.sqrt(sizes * spacing * spacing / np.pi) >= 0.2 - 1e-9
+    cents = np.array(ndimage.center_of_mass(truth, tl, range(1, nt + 1))).reshape(-1, 2) * spacing
+    tcl = np.full(nt, -1)
+    ncl = 0
+    if inc.any():
+        sub, ncl = find_clusters(cents[inc], 5.0, 3)
+        tcl[inc] = sub
+    return tl, nt, inc, tcl, ncl
+
+
+def _score(pred: np.ndarray, truth: np.ndarray, breast: np.ndarray, t: tuple) -> dict:
+    tl, nt, inc, tcl, ncl = t
+    pred = pred & breast
+    pl, npred = ndimage.label(pred, S8)
+    hit = np.zeros(nt + 1, bool)
+    hit[np.unique(tl[pred & (tl > 0)])] = True
+    hit = hit[1:]
+    fp = npred - np.unique(pl[(pl > 0) & (tl > 0)]).size
+    det_cl = {int(tcl[i]) for i in np.flatnonzero(hit & inc) if tcl[i] >= 0}
+    return {"fp": fp, "obj": int(inc.sum()), "det": int((hit & inc).sum()), "cl": ncl, "cldet": len(det_cl),
+            "act": pred.sum() / max(breast.sum(), 1), "psens": (pred & truth).sum() / max(truth.sum(), 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--cache", type=Path, default=ROOT / "eval" / "sweep_cache")
+    ap.add_argument("--cluster", nargs="+", type=float, default=[40, 50, 60, 70, 80, 100])
+    ap.add_argument("--max-diameter", nargs="+", type=float, default=[0.8, 1.0, 1.5])
+    ap.add_argument("--refined", type=float, default=0.6)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import contextlib
+
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+    from tqdm import tqdm
+
+    from bundle.clusters import drop_large_marks
+    from bundle.data import BreastMaskd, LoadMammogramd, NormalizeMammogramd, OrientBreastd, ResampleToSpacingd
+    from bundle.falsealarm import FalseAlarmControl
+    from bundle.refine_maps import _dilate_disk
+
+    with contextlib.chdir(ROOT):
+        parser = ConfigParser()
+        parser.read_config("configs/inference.json")
+        parser["bundle_root"] = str(ROOT)
+        pipe = parser.get_parsed_content("pipeline")
+        spacing = float(parser.get_parsed_content("working_spacing"))
+    pre = Compose([LoadMammogramd(keys=["image", "label"]), OrientBreastd(keys=["image", "label"]),
+                   ResampleToSpacingd(keys=["image", "label"], spacing=spacing, mode=["bilinear", "nearest"]),
+                   BreastMaskd(image_key="image", out_key="breast"), NormalizeMammogramd(keys="image", breast_key="breast")])
+    loosest = max(args.cluster)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for folder in args.folders:
+        for img in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith("_label.nii.gz")):
+            lab = folder / f"{img.name.split('.')[0]}_label.nii.gz"
+            if lab.exists():
+                cases.append((folder, img, lab))
+    for folder, img, lab in tqdm(cases, desc="SegAI + refinement", unit="case"):
+        f = args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}.pkl"
+        if not f.exists():
+            _cache_case(pipe, pre, img, lab, spacing, loosest, f)
+    hc = pipe.hole_control
+    agg: dict = {}
+    for folder, img, _ in tqdm(cases, desc="scoring", unit="case"):
+        rec = pickle.load(open(args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}.pkl", "rb"))
+        n = int(np.prod(rec["shape"]))
+        truth = _dense(rec, rec["truth"])
+        breast = np.unpackbits(rec["breast"])[:n].astype(bool).reshape(rec["shape"])
+        t = _truth(truth, spacing)
+        prob = _dense(rec, rec["pidx"], rec["pval"])
+        rp_loose = _dense(rec, rec["hole"], rec["rp"])
+        grp = "phantom" if "phantom" in folder.name else ("clean" if t[1] == 0 else "inj")
+        for c in args.cluster:
+            ctl = FalseAlarmControl(expected_false_marks=hc.expected_false_marks, cluster_false_marks=c,
+                                    candidate_threshold=hc.candidate_threshold, fit_ranks=hc.fit_ranks,
+                                    min_threshold=hc.min_threshold, max_threshold=hc.max_threshold, spacing_mm=spacing)
+            hole = _dilate_disk(np.asarray(ctl(prob, breast)["mask"]), 1)
+            pred = (rp_loose * hole) >= args.refined
+            agg.setdefault((c, "none"), {}).setdefault(grp, []).append(_score(pred, truth, breast, t))
+            for dmax in args.max_diameter:
+                kept = drop_large_marks(pred, dmax, spacing)
+                agg.setdefault((c, f"{dmax:g} mm"), {}).setdefault(grp, []).append(_score(kept, truth, breast, t))
+    print(f"{len(cases)} cases; refined >= {args.refined}; working grid {spacing} mm")
+    print("cluster rate | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
+          "false marks, pixel sens. | phantoms: MCs >= 0.2 mm, pixel sens.")
+    for (c, dm), g in sorted(agg.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        line = f"{c:12g} | {dm:8s} |"
+        cl, inj, ph = g.get("clean", []), g.get("inj", []), g.get("phantom", [])
+        tot = lambda lst, k: sum(x[k] for x in lst)  # noqa: E731
+        if cl:
+            line += f" {np.mean([x['fp'] for x in cl]):5.1f}, {100 * np.mean([x['act'] for x in cl]):.4f} % |"
+        if inj:
+            line += (f" {tot(inj, 'det')}/{tot(inj, 'obj')} = {100 * tot(inj, 'det') / max(tot(inj, 'obj'), 1):.1f} %,"
+                     f" {tot(inj, 'cldet')}/{tot(inj, 'cl')}, {np.mean([x['fp'] for x in inj]):5.1f},"
+                     f" {np.mean([x['psens'] for x in inj]):.3f} |")
+        if ph:
+            line += f" {tot(ph, 'det')}/{tot(ph, 'obj')} = {100 * tot(ph, 'det') / max(tot(ph, 'obj'), 1):.1f} %, {np.mean([x['psens'] for x in ph]):.3f}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
