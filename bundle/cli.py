@@ -45,6 +45,7 @@ OPTION_HELP: dict[str, str] = {
     "device": "torch device (default: cuda when available, else cpu)",
     "hole_false_marks": "expected false marks per image that the refinement verifies",
     "hole_cluster_false_marks": "the same for marks in clusters",
+    "max_mark_diameter_mm": "marks of the refined mask larger than a disk of this diameter (mm) are removed: not MCs; '$None' keeps all",
     "bundle_root": "the bundle folder",
 }
 """One-line descriptions of the inference config's options (keys not listed show their default only)."""
@@ -301,6 +302,10 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
             extra = [str(k) for k in settings.get("configs", {})]
         except Exception:
             extra = list(overrides)  # unknown tracking settings: accept what they may define
+    nones = [k for k, v in overrides.items() if v is None or (isinstance(v, str) and v.strip() in ("None", "null"))]
+    if nones:  # fire reads None, and MONAI's run drops None-valued overrides without a word
+        fail(f"--{nones[0]} None would be ignored by monai.bundle run (it drops None values); "
+             f"write --{nones[0]} '$None' to set it to None")
     bad = unknown_options(config, overrides, extra)
     if bad:
         key, near = bad[0]

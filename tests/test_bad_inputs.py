@@ -504,6 +504,20 @@ def test_help_describes_the_segai_runtime_options():
     assert "openvino" in OPTION_HELP["segai_backend"] and "pip install -e .[openvino]" in OPTION_HELP["segai_backend"]
 
 
+def test_a_none_override_is_refused_not_silently_dropped(capsys, monkeypatch):
+    """monai.bundle run drops None-valued overrides; the bundle says so instead of running the default."""
+    from bundle.cli import check_command_line
+
+    monkeypatch.chdir(ROOT)
+    prog = str(Path("site-packages") / "monai" / "bundle" / "__main__.py")
+    with pytest.raises(SystemExit) as e:
+        check_command_line([prog, "run", "--config_file", "configs/inference.json", "--max_mark_diameter_mm", "None"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max_mark_diameter_mm None would be ignored" in err and "'$None'" in err
+    check_command_line([prog, "run", "--config_file", "configs/inference.json", "--max_mark_diameter_mm", "$None"])
+
+
 @pytest.mark.slow
 def test_misspelt_option_fails_with_the_nearest_key(tmp_path):
     p = bundle_cli("--datset_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"))
