@@ -18,7 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-__all__ = ["single_linkage_groups", "find_clusters", "label_maxima", "drop_large_marks", "mark_table", "cluster_table"]
+__all__ = ["single_linkage_groups", "find_clusters", "label_maxima", "label_centroids", "drop_large_marks", "mark_table", "cluster_table"]
 
 
 def _pairs_within(points: np.ndarray, radius: float) -> np.ndarray:
@@ -113,6 +113,29 @@ def label_maxima(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     return out[1:]
 
 
+def label_centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (row, col) in pixels and size of each label 1..n.
+
+    ``scipy.ndimage.center_of_mass(labels > 0, labels, index)`` gives the same centres but scans
+    the whole image once per statistic (0.6 s on a full-field view); this bins the labelled pixels
+    only.
+
+    Args:
+        labels: (H, W) int labels, 0 = none.
+        n: number of labels.
+
+    Returns:
+        ``(centres, sizes)``: (n, 2) float64 centres (NaN for a label with no pixel) and (n,) sizes.
+    """
+    rows, cols = np.nonzero(labels)
+    lab = labels[rows, cols]
+    sizes = np.bincount(lab, minlength=n + 1)[1 : n + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cr = np.bincount(lab, weights=rows, minlength=n + 1)[1 : n + 1] / sizes
+        cc = np.bincount(lab, weights=cols, minlength=n + 1)[1 : n + 1] / sizes
+    return np.stack([cr, cc], axis=1).reshape(-1, 2), sizes
+
+
 def drop_large_marks(mask: np.ndarray, max_diameter_mm: float, spacing_mm: float, connectivity: int = 2) -> np.ndarray:
     """``mask`` without the marks larger than a microcalcification.
 
@@ -134,13 +157,17 @@ def drop_large_marks(mask: np.ndarray, max_diameter_mm: float, spacing_mm: float
     if max_diameter_mm <= 0 or spacing_mm <= 0:
         raise ValueError(f"max_diameter_mm and spacing_mm must be > 0, got {max_diameter_mm}, {spacing_mm}")
     m = np.asarray(mask, dtype=bool)
-    labels, n = ndimage.label(m, structure=ndimage.generate_binary_structure(2, connectivity))
-    if n == 0:
-        return m
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if rows.size == 0:
+        return m.copy()
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # marks are sparse: label their box only
+    labels, n = ndimage.label(m[box], structure=ndimage.generate_binary_structure(2, connectivity))
     max_px = np.pi * (0.5 * max_diameter_mm / spacing_mm) ** 2
     keep = np.bincount(labels.ravel(), minlength=n + 1) <= max_px
     keep[0] = False
-    return keep[labels]
+    out = np.zeros_like(m)
+    out[box] = keep[labels]
+    return out
 
 
 def _diameter(points: np.ndarray) -> float:
@@ -185,11 +212,8 @@ def mark_table(
     labels, n = ndimage.label(m, structure=structure)
     if n == 0:
         return labels.astype(np.int32), []
-    rows, cols = np.nonzero(labels)
-    lab = labels[rows, cols]
-    sizes = np.bincount(lab, minlength=n + 1)[1:]
-    cr = np.bincount(lab, weights=rows, minlength=n + 1)[1:] / sizes
-    cc = np.bincount(lab, weights=cols, minlength=n + 1)[1:] / sizes
+    centres, sizes = label_centroids(labels, n)
+    cr, cc = centres[:, 0], centres[:, 1]
     if score is not None:
         s = np.asarray(score)
         if s.shape != m.shape:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from bundle.clusters import find_clusters, label_maxima
+from bundle.clusters import find_clusters, label_centroids, label_maxima
 
 __all__ = ["FalseAlarmControl", "null_tail_threshold", "candidate_scores"]
 
@@ -191,7 +191,7 @@ class FalseAlarmControl:
             loose = np.flatnonzero((scores >= t_cl) & ~keep)
             if loose.size:
                 pool = np.flatnonzero(scores >= t_cl)
-                cents = np.asarray(ndimage.center_of_mass(labels > 0, labels, pool + 1)).reshape(-1, 2) * self.spacing_mm
+                cents = label_centroids(labels, scores.size)[0][pool] * self.spacing_mm
                 ids, _ = find_clusters(cents, self.cluster_link_mm, self.cluster_min_count)
                 keep[pool[ids >= 0]] = True
         return keep, t, t_cl
