@@ -85,6 +85,21 @@ def test_marks_larger_than_a_microcalcification_leave_the_refined_mask():
         MCPipeline(None, None, ident, max_mark_diameter_mm=0.0)
 
 
+def test_label_centroids_equal_scipy_center_of_mass():
+    from scipy import ndimage
+
+    from bundle.clusters import label_centroids
+
+    rng = np.random.default_rng(3)
+    labels, n = ndimage.label(rng.random((120, 90)) > 0.85, structure=np.ones((3, 3)))
+    centres, sizes = label_centroids(labels, n)
+    ref = np.asarray(ndimage.center_of_mass(labels > 0, labels, np.arange(1, n + 1)))
+    np.testing.assert_allclose(centres, ref, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(sizes, np.bincount(labels.ravel())[1:])
+    empty, none = label_centroids(np.zeros((4, 4), np.int32), 0)
+    assert empty.shape == (0, 2) and none.size == 0
+
+
 @pytest.fixture(scope="module")
 def one_phantom(tmp_path_factory) -> Path:
     from bundle.phantom import make_dataset
