@@ -190,14 +190,15 @@ def build_study_refiners(
 def _load_weights(
     network: torch.nn.Module | None, path: str | os.PathLike | None, device: Any, what: str
 ) -> tuple[torch.nn.Module | None, str]:
-    from bundle.networks import load_checkpoint
+    from bundle.networks import load_checkpoint, prepare_for_inference
 
     if network is None:
         return None, f"no {what} network configured"
     if not path:
         return None, f"no {what} checkpoint path given"
     try:
-        return load_checkpoint(network, path, device), ""
+        net = load_checkpoint(network, path, device)
+        return (prepare_for_inference(net) if what == "SegAI" else net), ""
     except (FileNotFoundError, RuntimeError, OSError, ValueError, KeyError) as e:
         return None, str(e)
 

@@ -13,7 +13,14 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-__all__ = ["prepare_phantom_data", "MakeSamplingMapd", "merge_datalists", "RandAcquisitiond"]
+__all__ = [
+    "prepare_phantom_data",
+    "MakeSamplingMapd",
+    "merge_datalists",
+    "RandAcquisitiond",
+    "save_hard_negatives",
+    "load_hard_negatives",
+]
 
 logger = logging.getLogger("mcref.training")
 
@@ -83,10 +90,12 @@ def merge_datalists(paths: Sequence[str | os.PathLike], key: str = "training") -
 
 
 class MakeSamplingMapd(MapTransform):
-    """Build a 3-class sampling map: 0 background, 1 breast without MC, 2 MC (dilated).
+    """Build a sampling map: 0 background, 1 breast without MC, 2 MC (dilated), 3 hard negative.
 
-    Used with ``RandCropByLabelClassesd(ratios=[0, 1, k])`` so that patches come only from the
-    breast and MC patches are over-represented k-fold.
+    Used with ``RandCropByLabelClassesd(ratios=[0, 1, k, h])`` so that patches come only from the
+    breast, MC patches are over-represented k-fold and, where a case names mined hard negatives
+    (``scripts/mine_hard_negatives.py``), patches centred on them h-fold. A case without hard
+    negatives simply has no class-3 pixels (MONAI then draws from the other classes).
 
     Args:
         keys: unused placeholder so the transform fits ``MapTransform``; pass the label key.
@@ -94,6 +103,9 @@ class MakeSamplingMapd(MapTransform):
         breast_key: breast mask key.
         out_key: key of the sampling map.
         dilation: pixels of dilation around MCs in the sampling map.
+        hardneg_key: optional key holding the path of a ``.npz`` written by
+            :func:`save_hard_negatives` (pixel rows/cols on the working grid and that grid's
+            shape); missing or empty for cases without mined hard negatives.
         allow_missing_keys: see ``MapTransform``.
     """
 
@@ -104,11 +116,13 @@ class MakeSamplingMapd(MapTransform):
         breast_key: str = "breast",
         out_key: str = "sampling",
         dilation: int = 2,
+        hardneg_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_key, self.breast_key, self.out_key = label_key, breast_key, out_key
         self.dilation = int(dilation)
+        self.hardneg_key = hardneg_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -118,9 +132,49 @@ class MakeSamplingMapd(MapTransform):
             k = 2 * self.dilation + 1
             label = torch.nn.functional.max_pool2d(label.float()[None], k, stride=1, padding=self.dilation)[0] > 0
         m = breast.to(torch.uint8)
+        path = d.get(self.hardneg_key) if self.hardneg_key else None
+        if path:
+            rows, cols = load_hard_negatives(path, tuple(m.shape[-2:]))
+            m[..., rows, cols] = torch.where(breast[..., rows, cols], 3, m[..., rows, cols]).to(torch.uint8)
         m[label] = 2
         d[self.out_key] = m
         return d
+
+
+def save_hard_negatives(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """Write a hard-negative mask (working grid) as its pixel coordinates, atomically.
+
+    Args:
+        path: ``.npz`` file to write.
+        mask: (H, W) boolean mask of hard-negative pixels.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = np.nonzero(mask)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, rows=rows.astype(np.int32), cols=cols.astype(np.int32), shape=np.asarray(mask.shape))
+    os.replace(tmp, path)
+
+
+def load_hard_negatives(path: str | os.PathLike, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the pixel coordinates written by :func:`save_hard_negatives`.
+
+    Args:
+        path: the ``.npz`` file.
+        shape: the working-grid shape of the case's image; a file mined on another grid (other
+            preprocessing or spacing) is refused rather than misplaced.
+
+    Returns:
+        (rows, cols) long tensors.
+    """
+    with np.load(path) as z:
+        if tuple(int(v) for v in z["shape"]) != tuple(shape):
+            raise ValueError(
+                f"{path}: hard negatives were mined on a {tuple(z['shape'])} grid, the image is {tuple(shape)};"
+                " mine them again with scripts/mine_hard_negatives.py"
+            )
+        return torch.as_tensor(z["rows"], dtype=torch.long), torch.as_tensor(z["cols"], dtype=torch.long)
 
 
 class RandAcquisitiond(Randomizable, MapTransform):

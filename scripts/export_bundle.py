@@ -88,7 +88,8 @@ NETWORKS: tuple[dict[str, Any], ...] = (
     {
         "name": "mcgenref_seg",
         "net_id": "network_def",
-        "config_file": "configs/inference.json",
+        # the inference overlay sets its own norm and activation (instance norm, PReLU)
+        "config_file": ["configs/inference.json", "configs/inference_mcgenref.json"],
         "ckpt_file": "models/mcgenref_seg.pt",
         "filepath": "models/mcgenref_seg.ts",
         "format_key": "network_def with models/mcgenref_seg.pt (configs/inference_mcgenref.json)",
@@ -100,7 +101,7 @@ NETWORKS: tuple[dict[str, Any], ...] = (
     {
         "name": "rflow",
         "net_id": "generator_def",
-        "config_file": "configs/inference_mcgenref.json",
+        "config_file": ["configs/inference.json", "configs/inference_mcgenref.json"],
         "ckpt_file": "models/rflow.pt",
         "filepath": "models/rflow.ts",
         "format_key": "generator_def (configs/inference_mcgenref.json, models/rflow.pt)",
@@ -166,12 +167,34 @@ def export_network(spec: Mapping[str, Any], root: Path, ckpt: Path, out_file: Pa
     Returns:
         A record of what was done.
     """
-    config = str(root / spec["config_file"])
+    config = config_arg(root, spec)
     if spec.get("multi_input"):
         return export_multi_input(spec, root, ckpt, out_file, verify)
     with tempfile.TemporaryDirectory(prefix="mcref_meta_") as td:
         meta = network_meta_file(root, spec, Path(td))
         return _export_cli(spec, root, ckpt, out_file, verify, timeout, meta, config)
+
+
+def config_files(root: Path, spec: Mapping[str, Any]) -> list[str]:
+    """Absolute paths of ``spec``'s config file(s) (one file or a list merged in order).
+
+    Args:
+        root: bundle root.
+        spec: one entry of :data:`NETWORKS`.
+    """
+    cfg = spec["config_file"]
+    return [str(root / f) for f in ([cfg] if isinstance(cfg, str) else cfg)]
+
+
+def config_arg(root: Path, spec: Mapping[str, Any]) -> str:
+    """``--config_file`` of the MONAI commands: the path, or a list of paths as MONAI's CLI reads it.
+
+    Args:
+        root: bundle root.
+        spec: one entry of :data:`NETWORKS`.
+    """
+    files = config_files(root, spec)
+    return files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
 
 
 def network_meta_file(root: Path, spec: Mapping[str, Any], folder: Path) -> str:
@@ -230,7 +253,7 @@ def export_multi_input(spec: Mapping[str, Any], root: Path, ckpt: Path, out_file
     fmt = meta["other_network_data_formats"][spec["format_key"]]
     parser = ConfigParser()
     with contextlib.chdir(root):  # ``%configs/...`` imports are relative to the working directory
-        parser.read_config(str(root / spec["config_file"]))
+        parser.read_config(config_files(root, spec))
         parser["bundle_root"] = str(root)
         network_def = parser.get_parsed_content(spec["net_id"])
     net = load_checkpoint(network_def, ckpt, "cpu").eval()

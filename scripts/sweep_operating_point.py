@@ -4,6 +4,7 @@
 usage:
     python scripts/sweep_operating_point.py FOLDER [FOLDER ...] [--cache DIR]
         [--cluster 40 50 60 70 80 100] [--max-diameter 0.8 1.0 1.5] [--refined 0.6]
+        [--candidate 0.5 0.3 0.2] [--set KEY=JSON ...]
 
 Every FOLDER holds images with their ``<stem>_label.nii.gz`` (an all-zero label = an MC-free
 view), e.g. ``work_data/real/validation`` and the validation phantoms. Each case is read with the
@@ -17,6 +18,15 @@ marks and activation of the MC-free real views, MC objects >= 0.2 mm and cluster
 marks and pixel sensitivity of the injected views, and objects / pixel sensitivity of the
 phantoms (folder names containing "phantom"). Official figures come from the main command and
 ``scripts/score_outputs.py`` on the native grid (docs/results.md, section 0).
+
+``--candidate`` sweeps the hole control's candidate threshold (and its lowest threshold) as well;
+the cached refinement then runs on the hole of the lowest candidate threshold and the loosest
+cluster rate, and every other setting's hole is nested in it.
+
+``--set`` overrides entries of ``configs/inference.json`` before the pipeline is built (a JSON
+value; a bare word is taken as a string), e.g. a candidate SegAI:
+``--set ckpt_path=eval/train_segai_hn/model.pt --set network_def#norm=batch --set network_def#act=relu``.
+The overrides are part of the cache file names, so each candidate has its own cache.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 S8 = np.ones((3, 3), bool)
 
 
-def _cache_case(pipe, pre, img: Path, lab: Path, spacing: float, loosest: float, out: Path) -> None:
+def _cache_case(pipe, pre, img: Path, lab: Path, spacing: float, loosest: float, cand: float, out: Path) -> None:
     from bundle.falsealarm import FalseAlarmControl
 
     d = pre({"image": str(img), "label": str(lab)})
@@ -43,8 +53,8 @@ def _cache_case(pipe, pre, img: Path, lab: Path, spacing: float, loosest: float,
     prob = pipe.segai(x, b)
     hc = pipe.hole_control
     ctl = FalseAlarmControl(expected_false_marks=hc.expected_false_marks, cluster_false_marks=loosest,
-                            candidate_threshold=hc.candidate_threshold, fit_ranks=hc.fit_ranks,
-                            min_threshold=hc.min_threshold, max_threshold=hc.max_threshold, spacing_mm=spacing)
+                            candidate_threshold=cand, fit_ranks=hc.fit_ranks,
+                            min_threshold=min(cand, hc.min_threshold), max_threshold=hc.max_threshold, spacing_mm=spacing)
     mask = np.asarray(ctl(prob, b)["mask"])
     ref = pipe.refiner(x, prob * mask, b)
     hole = np.flatnonzero(np.asarray(ref["hole"]))
@@ -98,7 +108,24 @@ def main() -> int:
     ap.add_argument("--cluster", nargs="+", type=float, default=[40, 50, 60, 70, 80, 100])
     ap.add_argument("--max-diameter", nargs="+", type=float, default=[0.8, 1.0, 1.5])
     ap.add_argument("--refined", type=float, default=0.6)
+    ap.add_argument("--candidate", nargs="+", type=float, default=None,
+                    help="hole control candidate thresholds (also its lowest threshold); default: the config's")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+                    help="override an entry of configs/inference.json (repeatable)")
     args = ap.parse_args()
+    import hashlib
+    import json
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    tag = "" if not overrides else "__" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
     sys.path.insert(0, str(ROOT))
     import contextlib
 
@@ -115,12 +142,18 @@ def main() -> int:
         parser = ConfigParser()
         parser.read_config("configs/inference.json")
         parser["bundle_root"] = str(ROOT)
+        for key, value in overrides.items():
+            parser[key] = value
         pipe = parser.get_parsed_content("pipeline")
         spacing = float(parser.get_parsed_content("working_spacing"))
     pre = Compose([LoadMammogramd(keys=["image", "label"]), OrientBreastd(keys=["image", "label"]),
                    ResampleToSpacingd(keys=["image", "label"], spacing=spacing, mode=["bilinear", "nearest"]),
                    BreastMaskd(image_key="image", out_key="breast"), NormalizeMammogramd(keys="image", breast_key="breast")])
     loosest = max(args.cluster)
+    hc = pipe.hole_control
+    cand_values = args.candidate or [hc.candidate_threshold]
+    loose_cand = min(cand_values)
+    ctag = "" if loose_cand == hc.candidate_threshold else f"_k{loose_cand:g}"
     args.cache.mkdir(parents=True, exist_ok=True)
     cases = []
     for folder in args.folders:
@@ -129,13 +162,12 @@ def main() -> int:
             if lab.exists():
                 cases.append((folder, img, lab))
     for folder, img, lab in tqdm(cases, desc="SegAI + refinement", unit="case"):
-        f = args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}.pkl"
+        f = args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}{ctag}{tag}.pkl"
         if not f.exists():
-            _cache_case(pipe, pre, img, lab, spacing, loosest, f)
-    hc = pipe.hole_control
+            _cache_case(pipe, pre, img, lab, spacing, loosest, loose_cand, f)
     agg: dict = {}
     for folder, img, _ in tqdm(cases, desc="scoring", unit="case"):
-        rec = pickle.load(open(args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}.pkl", "rb"))
+        rec = pickle.load(open(args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}{ctag}{tag}.pkl", "rb"))
         n = int(np.prod(rec["shape"]))
         truth = _dense(rec, rec["truth"])
         breast = np.unpackbits(rec["breast"])[:n].astype(bool).reshape(rec["shape"])
@@ -143,21 +175,22 @@ def main() -> int:
         prob = _dense(rec, rec["pidx"], rec["pval"])
         rp_loose = _dense(rec, rec["hole"], rec["rp"])
         grp = "phantom" if "phantom" in folder.name else ("clean" if t[1] == 0 else "inj")
-        for c in args.cluster:
+        for cand, c in [(k, r) for k in cand_values for r in args.cluster]:
             ctl = FalseAlarmControl(expected_false_marks=hc.expected_false_marks, cluster_false_marks=c,
-                                    candidate_threshold=hc.candidate_threshold, fit_ranks=hc.fit_ranks,
-                                    min_threshold=hc.min_threshold, max_threshold=hc.max_threshold, spacing_mm=spacing)
+                                    candidate_threshold=cand, fit_ranks=hc.fit_ranks,
+                                    min_threshold=min(cand, hc.min_threshold), max_threshold=hc.max_threshold,
+                                    spacing_mm=spacing)
             hole = _dilate_disk(np.asarray(ctl(prob, breast)["mask"]), 1)
             pred = (rp_loose * hole) >= args.refined
-            agg.setdefault((c, "none"), {}).setdefault(grp, []).append(_score(pred, truth, breast, t))
+            agg.setdefault((cand, c, "none"), {}).setdefault(grp, []).append(_score(pred, truth, breast, t))
             for dmax in args.max_diameter:
                 kept = drop_large_marks(pred, dmax, spacing)
-                agg.setdefault((c, f"{dmax:g} mm"), {}).setdefault(grp, []).append(_score(kept, truth, breast, t))
+                agg.setdefault((cand, c, f"{dmax:g} mm"), {}).setdefault(grp, []).append(_score(kept, truth, breast, t))
     print(f"{len(cases)} cases; refined >= {args.refined}; working grid {spacing} mm")
-    print("cluster rate | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
+    print("candidate | cluster rate | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
           "false marks, pixel sens. | phantoms: MCs >= 0.2 mm, pixel sens.")
-    for (c, dm), g in sorted(agg.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        line = f"{c:12g} | {dm:8s} |"
+    for (cand, c, dm), g in sorted(agg.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+        line = f"{cand:9g} | {c:12g} | {dm:8s} |"
         cl, inj, ph = g.get("clean", []), g.get("inj", []), g.get("phantom", [])
         tot = lambda lst, k: sum(x[k] for x in lst)  # noqa: E731
         if cl:

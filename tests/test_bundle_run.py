@@ -161,7 +161,7 @@ def test_evaluate_config_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
     if not ckpt.exists():  # a fresh checkout always has it; this keeps the test meaningful without
         torch.manual_seed(0)
         ckpt = tmp_path / "model.pt"
-        torch.save(SegAINet().state_dict(), ckpt)
+        torch.save(SegAINet(**_config_network_kwargs()).state_dict(), ckpt)
     out = tmp_path / "eval"
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/evaluate.json",
@@ -239,3 +239,11 @@ def test_bundle_version_reads_the_metadata(tmp_path):
 
     assert bundle_version(ROOT) == json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
     assert bundle_version(tmp_path) == "unversioned"
+
+
+def _config_network_kwargs() -> dict:
+    """SegAI's architecture as configs/inference.json defines it (the shipped weights fit it)."""
+    import json
+
+    spec = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())["network_def"]
+    return {k: v for k, v in spec.items() if k != "_target_"}

@@ -131,7 +131,7 @@ def test_inference_chain_reads_the_image_only():
     (("evaluate_study",), "inpainter_def", ("inference",), "inpainter_def"),
     (("train_segai",), "network_def", ("inference",), "network_def"),
     (("train_segai", "train_segai_real"), "network_def", ("inference",), "network_def"),
-    (("train_mcgenref_seg",), "network_def", ("inference",), "network_def"),
+    (("train_mcgenref_seg",), "network_def", ("inference", "inference_mcgenref"), "network_def"),
     (("train_inpainter",), "network_def", ("inference",), "inpainter_def"),
     (("train_inpainter", "train_inpainter_real"), "network_def", ("inference",), "inpainter_def"),
     (("train_rflow",), "network_def", ("inference", "inference_mcgenref"), "generator_def"),
@@ -144,10 +144,18 @@ def test_networks_are_the_inference_networks(names, key, base_names, base_key):
 def test_networks_and_inferers_instantiate_equal():
     base = parser_of("inference")
     net = base.get_parsed_content("network_def")
-    for names in (("evaluate",), ("evaluate_study",), ("train_segai",), ("train_mcgenref_seg",)):
+    for names in (("evaluate",), ("evaluate_study",), ("train_segai",)):
         other = parser_of(*names).get_parsed_content("network_def")
         assert type(other) is type(net) and str(other) == str(net), names
         assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    # MC-GenRef's segmentor keeps its own norm and activation (its shipped weights have instance
+    # norm); the inference overlay and its train config agree, and the weights load
+    seg = parser_of("inference", "inference_mcgenref").get_parsed_content("network_def")
+    trained = parser_of("train_mcgenref_seg").get_parsed_content("network_def")
+    assert str(trained) == str(seg) and str(seg) != str(net)
+    from bundle.networks import load_checkpoint
+
+    load_checkpoint(trained, ROOT / "models" / "mcgenref_seg.pt")
     ref = base.get_parsed_content("inferer")
     for names in (("evaluate",), ("evaluate_study",)):
         inf = parser_of(*names).get_parsed_content("inferer")

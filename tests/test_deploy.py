@@ -243,7 +243,7 @@ def _other_segai_weights(path: Path) -> Path:
     from bundle.networks import SegAINet
 
     torch.manual_seed(1)
-    torch.save(SegAINet().state_dict(), path)  # random weights: not models/model.pt
+    torch.save(SegAINet(**_config_network_kwargs()).state_dict(), path)  # random weights: not models/model.pt
     return path
 
 
@@ -519,3 +519,11 @@ def test_seg_algorithm_names_the_refinement_method():
 
     assert algorithm_name(None) == algorithm_name("segai+genai") == ALGORITHM_NAME == "mcref SegAI+R:GenAI"
     assert algorithm_name("segai+sp1") == "mcref segai+sp1" and len(algorithm_name("x" * 200)) <= 64
+
+
+def _config_network_kwargs() -> dict:
+    """SegAI's architecture as configs/inference.json defines it (the shipped weights fit it)."""
+    import json
+
+    spec = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())["network_def"]
+    return {k: v for k, v in spec.items() if k != "_target_"}

@@ -62,7 +62,7 @@ def test_two_process_ddp_training_on_cpu(ddp_training):
     assert not any(k.startswith("module.") for k in state), "checkpoint holds the DDP wrapper, not the network"
     from bundle.networks import SegAINet
 
-    SegAINet().load_state_dict(state)  # loads into the plain network
+    SegAINet(**_config_network_kwargs()).load_state_dict(state)  # loads into the plain network
     rows = list(csv.DictReader(open(tmp_path / "train_out" / "val_metrics.csv")))
     assert len(rows) == 1  # rank 0 alone wrote the validation table
 
@@ -81,3 +81,11 @@ def test_two_process_evaluation_merges_the_shards(ddp_training):
     merged = list(csv.DictReader(open(out / "segai" / "per_case.csv")))
     assert len(merged) == 3 and len({r["case"] for r in merged}) == 3
     assert len(list(csv.DictReader(open(out / "segai" / "summary.csv")))) == 1
+
+
+def _config_network_kwargs() -> dict:
+    """SegAI's architecture as configs/inference.json defines it (the shipped weights fit it)."""
+    import json
+
+    spec = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())["network_def"]
+    return {k: v for k, v in spec.items() if k != "_target_"}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle.networks import SegAINet
-from bundle.training import MakeSamplingMapd, prepare_png_negatives
+from bundle.networks import SegAINet, fold_batch_norms, prepare_for_inference
+from bundle.training import MakeSamplingMapd, load_hard_negatives, prepare_png_negatives, save_hard_negatives
 
 
 def test_segai_starts_at_the_prior_and_keeps_shape():
@@ -58,6 +58,57 @@ def test_sampling_map_classes():
     m = d["sampling"]
     assert int(m[0, 10, 10]) == 2 and int(m[0, 9, 11]) == 2 and int(m[0, 10, 12]) == 1
     assert int(m[0, 0, 18]) == 0 and int(m[0, 0, 0]) == 1
+
+
+def test_sampling_map_marks_mined_hard_negatives_outside_mcs(tmp_path):
+    label = torch.zeros(1, 20, 20)
+    label[0, 10, 10] = 1
+    breast = torch.zeros(1, 20, 20)
+    breast[:, :, :15] = 1
+    hard = np.zeros((20, 20), bool)
+    hard[3, 4] = hard[10, 11] = hard[5, 18] = True  # tissue, next to the MC, outside the breast
+    save_hard_negatives(tmp_path / "hn.npz", hard)
+    t = MakeSamplingMapd(keys="label", dilation=1, hardneg_key="hardneg")
+    m = t({"label": label, "breast": breast, "hardneg": str(tmp_path / "hn.npz")})["sampling"]
+    assert int(m[0, 3, 4]) == 3  # a hard negative in tissue
+    assert int(m[0, 10, 11]) == 2  # the MC (dilated) wins over a hard negative
+    assert int(m[0, 5, 18]) == 0  # never outside the breast
+    assert int((m == 3).sum()) == 1
+    # a case without mined hard negatives has none
+    assert int((t({"label": label, "breast": breast})["sampling"] == 3).sum()) == 0
+    # a file mined on another grid is refused, naming the file
+    with pytest.raises(ValueError, match="hn.npz"):
+        load_hard_negatives(tmp_path / "hn.npz", (21, 20))
+
+
+def test_fold_batch_norms_keeps_the_output_and_removes_every_norm():
+    torch.manual_seed(0)
+    net = SegAINet(channels=(8, 16, 32), strides=(2, 2), norm="batch", act="relu")
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):  # give the running statistics values other than 0 / 1
+            net(torch.rand(4, 1, 32, 32) * 3 + 1)
+    net.eval()
+    x = torch.rand(2, 1, 64, 48) * 3 + 1
+    with torch.no_grad():
+        before = net(x)
+        fold_batch_norms(net)
+        after = net(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert torch.allclose(before, after, atol=1e-4)
+    # channels-last weights (the inference default without instance norm) give the same map
+    prepare_for_inference(net)
+    inner = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert inner.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not inner.weight.is_contiguous()
+    with torch.no_grad():
+        assert torch.allclose(net(x), before, atol=1e-4)
+    # an instance-norm network is left as it is
+    inst = SegAINet(channels=(8, 16), strides=(2,)).eval()
+    with torch.no_grad():
+        y0 = inst(x)
+        y1 = fold_batch_norms(inst)(x)
+    assert torch.equal(y0, y1)
 
 
 def test_png_negatives_follow_the_presentation_convention(tmp_path):

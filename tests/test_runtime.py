@@ -48,9 +48,9 @@ def _parser(**overrides):
 
 
 def _segai_net():
-    from bundle.networks import SegAINet, load_checkpoint
-
-    return load_checkpoint(SegAINet(), ROOT / "models" / "model.pt")
+    """The torch SegAI exactly as inference builds it (weights of models/model.pt, batch norms
+    folded, channels-last), so the ONNX export is checked against what the torch backend runs."""
+    return _parser().get_parsed_content("network")
 
 
 def test_torch_is_the_default_backend():

@@ -23,7 +23,7 @@ def test_study_is_a_parent_run_with_one_child_per_method(mlflow_server, tmp_path
     from bundle.networks import SegAINet
 
     torch.manual_seed(0)
-    seg = SegAINet(channels=(8, 16), strides=(2,), num_res_units=0)
+    seg = SegAINet(channels=(8, 16), strides=(2,), num_res_units=0, norm="batch", act="relu")  # as configs/inference.json
     sd = seg.state_dict()
     last_bias = [k for k in sd if k.endswith("bias")][-1]
     sd[last_bias] = sd[last_bias] - 1.5

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Mine SegAI's hard negatives on the TRAINING views of a datalist (issue 11).
+
+usage:
+    python scripts/mine_hard_negatives.py [--datalist work_data/real/datalist.json]
+        [--ckpt models/model.pt] [--network-def JSON] [--threshold 0.3] [--margin 3] [--out DATALIST]
+
+The shipped SegAI (2026-12-03) was trained on hard negatives mined with the SegAI shipped before
+it, which lives in git history (docs/training.md):
+
+    git show dfee5cf:models/model.pt > eval/segai_dfee5cf.pt
+    python scripts/mine_hard_negatives.py --ckpt eval/segai_dfee5cf.pt \
+        --network-def '{"norm": "instance", "act": "prelu"}'
+
+Every ``training`` case of the datalist goes through the bundle's preprocessing (the same
+transforms and working grid as inference) and the SegAI of ``--ckpt``; the pixels inside the
+breast where SegAI's probability is at least ``--threshold`` and that lie more than ``--margin``
+working-grid pixels from a labelled MC are the case's hard negatives: vessel crossings, skin
+line, film grain, wherever the model fires on real tissue. They are written as coordinates
+(``<datalist folder>/hardneg/<stem>.npz``, :func:`bundle.training.save_hard_negatives`) and a copy
+of the datalist (``--out``, default ``<datalist folder>/datalist_hardneg.json``) gives each
+training case a ``hardneg`` key. ``configs/train_segai_real.json`` reads that copy and samples
+crops centred on hard negatives (``MakeSamplingMapd``, class 3). The validation and held-out
+sections are copied unchanged and never mined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datalist", type=Path, default=ROOT / "work_data" / "real" / "datalist.json")
+    ap.add_argument("--ckpt", type=Path, default=ROOT / "models" / "model.pt", help="SegAI that is mined")
+    ap.add_argument("--network-def", default=None,
+                    help="JSON object of network_def arguments of --ckpt that differ from configs/inference.json's,"
+                         " e.g. '{\"norm\": \"instance\", \"act\": \"prelu\"}' for the SegAI shipped before 2026-12-03")
+    ap.add_argument("--threshold", type=float, default=0.3, help="SegAI probability that counts as firing")
+    ap.add_argument("--margin", type=int, default=3, help="working-grid pixels kept clear around each MC")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+
+    import torch
+    from monai.bundle import ConfigParser
+    from scipy import ndimage
+    from tqdm import tqdm
+
+    from bundle.training import save_hard_negatives
+
+    datalist = args.datalist.resolve()
+    if not datalist.is_file():
+        print(f"{datalist}: datalist not found; build it with scripts/make_injected_negatives.py", file=sys.stderr)
+        return 2
+    if not args.ckpt.is_file():
+        print(f"{args.ckpt}: checkpoint not found", file=sys.stderr)
+        return 2
+    with contextlib.chdir(ROOT):
+        parser = ConfigParser()
+        parser.read_config("configs/inference.json")
+        parser["bundle_root"] = str(ROOT)
+        parser["preprocessing_keys"] = {"load": ["image", "label"], "geometry": ["image", "label"],
+                                        "geometry_modes": ["bilinear", "nearest"]}
+        parser["ckpt_path"] = str(args.ckpt.resolve())
+        if args.network_def:
+            for key, value in json.loads(args.network_def).items():
+                parser[f"network_def#{key}"] = value
+        pre = parser.get_parsed_content("preprocessing")
+        inferer = parser.get_parsed_content("inferer")
+        network = parser.get_parsed_content("network").eval()
+    spec = json.loads(datalist.read_text())
+    out_dir = datalist.parent / "hardneg"
+    n_total = 0
+    for item in tqdm(spec.get("training", []), desc="mining hard negatives", unit="case"):
+        d = pre({"image": str(datalist.parent / item["image"]), "label": str(datalist.parent / item["label"])})
+        image, breast = d["image"], torch.as_tensor(d["breast"]) > 0.5
+        with torch.inference_mode():
+            prob = inferer(torch.as_tensor(image)[None].float(), network, breast=breast[None].float())[0, 0]
+        label = np.asarray(d["label"])[0] > 0.5
+        near_mc = ndimage.binary_dilation(label, iterations=args.margin) if label.any() else label
+        hard = (prob.numpy() >= args.threshold) & np.asarray(breast[0]) & ~near_mc
+        stem = Path(item["image"]).name.split(".")[0]
+        save_hard_negatives(out_dir / f"{stem}.npz", hard)
+        item["hardneg"] = f"hardneg/{stem}.npz"
+        n_total += int(hard.sum())
+        tqdm.write(f"{stem}: {int(hard.sum())} hard-negative pixels")
+    out = args.out or datalist.parent / "datalist_hardneg.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=1))
+    os.replace(tmp, out)
+    print(f"{len(spec.get('training', []))} training cases, {n_total} hard-negative pixels; datalist: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
