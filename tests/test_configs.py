@@ -229,3 +229,12 @@ def test_study_command_line_options_that_were_documented_still_resolve():
         "LoadMammogramd", "LoadINbreastLabeld", "OrientBreastd", "ResampleToSpacingd", "BreastMaskd", "CopyItemsd",
         "NormalizeMammogramd"]
     assert pre.transforms[0].keys == ("image",) and pre.transforms[3].mode == ("bilinear", "nearest")
+
+
+def test_mcgenref_overlay_honours_refine_false():
+    """``--refine False`` runs MC-GenRef's initializer alone, not TT-GPR (minutes per view)."""
+    on = parser_of("inference", "inference_mcgenref")
+    assert type(on.get_parsed_content("pipeline").refiner).__name__ == "TTGPRRefiner"
+    off = parser_of("inference", "inference_mcgenref")
+    off["refine"] = False
+    assert off.get_parsed_content("pipeline").refiner is None
