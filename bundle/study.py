@@ -190,15 +190,14 @@ def build_study_refiners(
 def _load_weights(
     network: torch.nn.Module | None, path: str | os.PathLike | None, device: Any, what: str
 ) -> tuple[torch.nn.Module | None, str]:
-    from bundle.networks import load_checkpoint, prepare_for_inference
+    from bundle.networks import load_checkpoint
 
     if network is None:
         return None, f"no {what} network configured"
     if not path:
         return None, f"no {what} checkpoint path given"
     try:
-        net = load_checkpoint(network, path, device)
-        return (prepare_for_inference(net) if what == "SegAI" else net), ""
+        return load_checkpoint(network, path, device), ""
     except (FileNotFoundError, RuntimeError, OSError, ValueError, KeyError) as e:
         return None, str(e)
 
@@ -382,6 +381,10 @@ class MCStudy:
         logger.info("study: %d cases from %s", len(items), [str(x) for x in self.datalists if x])
 
         seg_net, seg_reason = _load_weights(self.network, self.ckpt_path, self.device, "SegAI")
+        if seg_net is not None:  # as inference runs it: batch norms folded, channels-last
+            from bundle.networks import prepare_for_inference
+
+            prepare_for_inference(seg_net)
         needs_inp = any("inpainter" in method_needs(m) for m in self.methods)
         inp_net, inp_reason = (None, "not needed")
         if needs_inp:

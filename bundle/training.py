@@ -135,7 +135,8 @@ class MakeSamplingMapd(MapTransform):
         path = d.get(self.hardneg_key) if self.hardneg_key else None
         if path:
             rows, cols = load_hard_negatives(path, tuple(m.shape[-2:]))
-            m[..., rows, cols] = torch.where(breast[..., rows, cols], 3, m[..., rows, cols]).to(torch.uint8)
+            inside = breast[0, rows, cols]  # hard negatives count inside the breast only
+            m[0, rows[inside], cols[inside]] = 3
         m[label] = 2
         d[self.out_key] = m
         return d

@@ -72,23 +72,23 @@ def main() -> int:
         parser["preprocessing_keys"] = {"load": ["image", "label"], "geometry": ["image", "label"],
                                         "geometry_modes": ["bilinear", "nearest"]}
         parser["ckpt_path"] = str(args.ckpt.resolve())
+        parser["refine"] = False
         if args.network_def:
             for key, value in json.loads(args.network_def).items():
                 parser[f"network_def#{key}"] = value
         pre = parser.get_parsed_content("preprocessing")
-        inferer = parser.get_parsed_content("inferer")
-        network = parser.get_parsed_content("network").eval()
+        pipeline = parser.get_parsed_content("pipeline")  # SegAI runs through the one pipeline
     spec = json.loads(datalist.read_text())
     out_dir = datalist.parent / "hardneg"
     n_total = 0
     for item in tqdm(spec.get("training", []), desc="mining hard negatives", unit="case"):
         d = pre({"image": str(datalist.parent / item["image"]), "label": str(datalist.parent / item["label"])})
-        image, breast = d["image"], torch.as_tensor(d["breast"]) > 0.5
+        breast = np.asarray(d["breast"])[0] > 0.5
         with torch.inference_mode():
-            prob = inferer(torch.as_tensor(image)[None].float(), network, breast=breast[None].float())[0, 0]
+            prob = pipeline.segai(d["image"], breast)
         label = np.asarray(d["label"])[0] > 0.5
         near_mc = ndimage.binary_dilation(label, iterations=args.margin) if label.any() else label
-        hard = (prob.numpy() >= args.threshold) & np.asarray(breast[0]) & ~near_mc
+        hard = (prob >= args.threshold) & breast & ~near_mc
         stem = Path(item["image"]).name.split(".")[0]
         save_hard_negatives(out_dir / f"{stem}.npz", hard)
         item["hardneg"] = f"hardneg/{stem}.npz"
