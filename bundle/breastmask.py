@@ -139,6 +139,7 @@ def compute_breast_mask(
     opening_mm: float = 2.0,
     low_fraction: float = 0.3,
     max_side: int = 1024,
+    downsampled: tuple[np.ndarray, int] | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Breast mask of an oriented mammogram (chest wall at column 0, bright = dense).
 
@@ -155,6 +156,9 @@ def compute_breast_mask(
         opening_mm: radius of the opening in mm.
         low_fraction: hysteresis low threshold as a fraction between background and Otsu level.
         max_side: longer side of the working copy.
+        downsampled: the working copy ``(small, factor)`` as ``_downsample(image, max_side)``
+            returns it, when the caller already made it (:class:`BreastMaskd` shares it with
+            :func:`large_scale_structure`).
 
     Returns:
         (bool mask ``(H, W)``, whether a pectoral muscle was removed).
@@ -165,7 +169,7 @@ def compute_breast_mask(
     arr = _as_tensor(image).detach().cpu().float().numpy()
     arr = arr.reshape(arr.shape[-2:])
     h, w = arr.shape
-    small, f = _downsample(arr, max_side)
+    small, f = downsampled if downsampled is not None else _downsample(arr, max_side)
     fg = _foreground(small)
     if fg is None:
         return np.zeros((h, w), bool), False
@@ -287,12 +291,14 @@ class BreastMaskd(MapTransform):
         meta = _meta_of(img)
         path = _path_of(meta)
         t = _as_tensor(img)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):  # one reduction
             raise MammogramError(path, "image contains NaN/inf")
         check_grey_levels(meta)
         sp = meta.get("working_spacing") or min(_spacing_pair(meta.get("spacing")) or (0.07, 0.07))
         pect = self.exclude_pectoral and str(meta.get("view", "")).upper() in self.pectoral_views
-        structure = large_scale_structure(t[0])
+        arr = t[0].detach().cpu().float().numpy()
+        small = _downsample(arr, 1024)  # the mask's working copy; its 2x block mean serves the structure test
+        structure = large_scale_structure(small[0])
         if structure < self.min_structure and float(t.max()) > float(t.min()):  # flat: "empty breast mask" below
             raise MammogramError(
                 path, f"no breast found: the image has no large-scale structure ({100 * structure:.2f} % of its "
@@ -300,7 +306,8 @@ class BreastMaskd(MapTransform):
             )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            mask, removed = compute_breast_mask(t[0], float(sp), exclude_pectoral=pect, opening_mm=self.opening_mm)
+            mask, removed = compute_breast_mask(arr, float(sp), exclude_pectoral=pect, opening_mm=self.opening_mm,
+                                                downsampled=small)
         for w in caught:  # name the file in the mask's warnings
             msg = str(w.message)
             warnings.warn(msg if not path or msg.startswith(path) else f"{path}: {msg}", w.category, stacklevel=2)

@@ -18,7 +18,17 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-__all__ = ["single_linkage_groups", "find_clusters", "label_maxima", "label_centroids", "drop_large_marks", "mark_table", "cluster_table"]
+__all__ = [
+    "single_linkage_groups",
+    "find_clusters",
+    "pixel_components",
+    "dilate_indices",
+    "label_maxima",
+    "label_centroids",
+    "drop_large_marks",
+    "mark_table",
+    "cluster_table",
+]
 
 
 def _pairs_within(points: np.ndarray, radius: float) -> np.ndarray:
@@ -89,6 +99,77 @@ def find_clusters(points_mm: np.ndarray, link_mm: float, min_count: int = 3) -> 
     return ids, len(order)
 
 
+def pixel_components(idx: np.ndarray, shape: tuple[int, int], connectivity: int = 2) -> tuple[np.ndarray, int]:
+    """Connected components of the pixels at flat indices ``idx`` of an ``(H, W)`` grid.
+
+    The sparse twin of ``scipy.ndimage.label``: the pixels are the nodes of a graph whose edges
+    join grid neighbours (found by binary search in ``idx``), and
+    ``scipy.sparse.csgraph.connected_components`` labels it. Cost follows the number of pixels,
+    not the image size, which is what the refinement needs on a full-field view where SegAI
+    marks a few thousand pixels out of ten million. Components are numbered like
+    ``ndimage.label`` numbers them (raster order of their first pixel), less one.
+
+    Args:
+        idx: sorted, unique flat indices (as :func:`numpy.flatnonzero` gives them).
+        shape: the grid ``(H, W)``.
+        connectivity: 1 (4-) or 2 (8-connectivity).
+
+    Returns:
+        ``(component, n)``: (len(idx),) int component ids 0..n-1 and their number.
+    """
+    idx = np.asarray(idx, dtype=np.int64).ravel()
+    n = idx.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    if n > 1 and not bool(np.all(idx[1:] > idx[:-1])):
+        raise ValueError("pixel_components: idx must be sorted and unique (np.flatnonzero order)")
+    h, w = int(shape[0]), int(shape[1])
+    rows, cols = np.divmod(idx, w)
+    steps = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if connectivity == 2 else [])
+    src, dst = [], []
+    for dr, dc in steps:  # each edge once: towards the right and the rows below
+        rr, cc = rows + dr, cols + dc
+        inside = np.flatnonzero((rr < h) & (cc >= 0) & (cc < w))
+        nb = rr[inside] * w + cc[inside]
+        pos = np.minimum(np.searchsorted(idx, nb), n - 1)
+        hit = idx[pos] == nb
+        src.append(inside[hit])
+        dst.append(pos[hit])
+    s_all, d_all = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(s_all.size, dtype=np.int8), (s_all, d_all)), shape=(n, n))
+    k, comp = connected_components(graph, directed=False)
+    return comp.astype(np.int64), int(k)
+
+
+def dilate_indices(idx: np.ndarray, shape: tuple[int, int], radius: int) -> np.ndarray:
+    """Flat indices of the binary dilation by ``skimage.morphology.disk(radius)`` of the pixels at ``idx``.
+
+    The sparse twin of ``ndimage.binary_dilation(mask, disk(radius))`` for masks of a few
+    thousand pixels on a full-field grid.
+
+    Args:
+        idx: flat indices of the pixels (any order).
+        shape: the grid ``(H, W)``.
+        radius: disk radius in pixels (0: the pixels themselves).
+
+    Returns:
+        sorted unique flat indices.
+    """
+    idx = np.asarray(idx, dtype=np.int64).ravel()
+    if radius <= 0 or idx.size == 0:
+        return np.unique(idx)
+    from skimage.morphology import disk
+
+    h, w = int(shape[0]), int(shape[1])
+    rows, cols = np.divmod(idx, w)
+    out = []
+    for dr, dc in np.argwhere(disk(int(radius)).astype(bool)) - int(radius):
+        rr, cc = rows + dr, cols + dc
+        ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        out.append(rr[ok] * w + cc[ok])
+    return np.unique(np.concatenate(out))
+
+
 def label_maxima(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """Maximum of ``values`` over each label 1..n.
 
@@ -143,7 +224,7 @@ def drop_large_marks(mask: np.ndarray, max_diameter_mm: float, spacing_mm: float
     removed: calcifications of 1 mm or more are macrocalcifications (vascular, dystrophic), and on
     real FFDM such large marks are mostly tissue edges, vessels and markers. It is the size
     counterpart of :class:`skimage.morphology.remove_small_objects` (which keeps only objects
-    *above* a size), written with ``scipy.ndimage.label`` and ``bincount``.
+    *above* a size); the marks are labelled sparsely (:func:`pixel_components`), as they are few.
 
     Args:
         mask: (H, W) binary mask.
@@ -156,17 +237,17 @@ def drop_large_marks(mask: np.ndarray, max_diameter_mm: float, spacing_mm: float
     """
     if max_diameter_mm <= 0 or spacing_mm <= 0:
         raise ValueError(f"max_diameter_mm and spacing_mm must be > 0, got {max_diameter_mm}, {spacing_mm}")
-    m = np.asarray(mask, dtype=bool)
-    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-    if rows.size == 0:
-        return m.copy()
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # marks are sparse: label their box only
-    labels, n = ndimage.label(m[box], structure=ndimage.generate_binary_structure(2, connectivity))
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {m.shape}")
+    idx = np.flatnonzero(m)
+    out = np.zeros(m.shape, dtype=bool)
+    if idx.size == 0:
+        return out
+    comp, n = pixel_components(idx, m.shape, connectivity)
     max_px = np.pi * (0.5 * max_diameter_mm / spacing_mm) ** 2
-    keep = np.bincount(labels.ravel(), minlength=n + 1) <= max_px
-    keep[0] = False
-    out = np.zeros_like(m)
-    out[box] = keep[labels]
+    keep = np.bincount(comp, minlength=n) <= max_px
+    out.ravel()[idx[keep[comp]]] = True
     return out
 
 

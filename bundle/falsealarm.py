@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from bundle.clusters import find_clusters, label_centroids, label_maxima
+from bundle.clusters import find_clusters, label_centroids, label_maxima, pixel_components
 
 __all__ = ["FalseAlarmControl", "null_tail_threshold", "candidate_scores"]
 
@@ -172,12 +172,16 @@ class FalseAlarmControl:
         self.spacing_mm = float(spacing_mm)
         null_tail_threshold([], 1.0, self.fit_ranks)  # validates fit_ranks early
 
-    def select(self, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float, float]:
+    def select(
+        self, labels: np.ndarray | None, scores: np.ndarray, centres: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float, float]:
         """Which candidates to keep (see :func:`candidate_scores` for ``labels`` and ``scores``).
 
         Args:
-            labels: (H, W) candidate labels 1..n.
+            labels: (H, W) candidate labels 1..n (only read for the candidates' centres when
+                ``centres`` is None).
             scores: (n,) candidate peak scores.
+            centres: optional (n, 2) candidate centres (row, col) in pixels.
 
         Returns:
             ``(keep, threshold, cluster_threshold)``: (n,) bool, the image's threshold and the
@@ -191,7 +195,11 @@ class FalseAlarmControl:
             loose = np.flatnonzero((scores >= t_cl) & ~keep)
             if loose.size:
                 pool = np.flatnonzero(scores >= t_cl)
-                cents = label_centroids(labels, scores.size)[0][pool] * self.spacing_mm
+                if centres is None:
+                    if labels is None:
+                        raise ValueError("select: give labels or centres")
+                    centres = label_centroids(labels, scores.size)[0]
+                cents = np.asarray(centres)[pool] * self.spacing_mm
                 ids, _ = find_clusters(cents, self.cluster_link_mm, self.cluster_min_count)
                 keep[pool[ids >= 0]] = True
         return keep, t, t_cl
@@ -199,17 +207,41 @@ class FalseAlarmControl:
     def __call__(self, prob: Any, breast: Any | None = None) -> dict[str, Any]:
         """Mask and operating point of one image.
 
+        The candidates are labelled sparsely (:func:`bundle.clusters.pixel_components` on the
+        pixels at or above ``candidate_threshold``), so the cost follows the number of candidate
+        pixels, not the image size; the result equals labelling the whole map
+        (:func:`candidate_scores`).
+
         Args:
             prob: (H, W) map in [0, 1] (SegAI or refined probability).
             breast: optional (H, W) breast mask; marks are kept inside it only.
 
         Returns:
-            dict with ``mask`` (H, W) bool, ``threshold`` (this image's), ``cluster_threshold``
-            (NaN without clusters), ``n_candidates`` and ``n_marks``.
+            dict with ``mask`` (H, W) bool, ``indices`` (the mask's flat indices, sorted),
+            ``threshold`` (this image's), ``cluster_threshold`` (NaN without clusters),
+            ``n_candidates`` and ``n_marks``.
         """
         p = np.asarray(prob, dtype=np.float32)
-        labels, scores = candidate_scores(p, self.candidate_threshold, breast, self.connectivity)
-        keep, t, t_cl = self.select(labels, scores)
-        keep = np.concatenate([[False], keep])
-        return {"mask": keep[labels], "threshold": t, "cluster_threshold": t_cl, "n_candidates": int(scores.size),
+        if p.ndim != 2:
+            raise ValueError(f"expected a 2-D map, got shape {p.shape}")
+        flat = p.ravel()
+        idx = np.flatnonzero(flat >= self.candidate_threshold)  # NaN never passes
+        if breast is not None:
+            b = np.asarray(breast)
+            if b.shape != p.shape:
+                raise ValueError(f"breast shape {b.shape} differs from map shape {p.shape}")
+            idx = idx[b.ravel()[idx] > 0]
+        comp, n = pixel_components(idx, p.shape, self.connectivity)
+        scores = np.full(n, -np.inf)
+        vals = np.nan_to_num(flat[idx].astype(np.float64), posinf=float(np.finfo(np.float32).max))
+        np.maximum.at(scores, comp, vals)
+        rows, cols = np.divmod(idx, p.shape[1])
+        sizes = np.bincount(comp, minlength=n)
+        centres = np.stack([np.bincount(comp, weights=rows, minlength=n), np.bincount(comp, weights=cols, minlength=n)], axis=1)
+        centres = centres / np.maximum(sizes, 1)[:, None]
+        keep, t, t_cl = self.select(None, scores, centres)
+        kept = idx[keep[comp]] if n else idx
+        mask = np.zeros(p.shape, dtype=bool)
+        mask.ravel()[kept] = True
+        return {"mask": mask, "indices": kept, "threshold": t, "cluster_threshold": t_cl, "n_candidates": int(n),
                 "n_marks": int(keep.sum())}

@@ -114,8 +114,7 @@ class MCPipeline:
         b = None if breast is None else torch.as_tensor(_np2d(breast) > 0, dtype=torch.float32)[None, None].to(self.device)
         self.network.eval()
         out = self.inferer(x, self.network, breast=b)
-        p = out[0, 0].detach().float().cpu().numpy()
-        return np.clip(np.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
+        return _unit_map(out[0, 0].detach().float().cpu().numpy())
 
     # ------------------------------------------------------------------ stage 2
     def refine(
@@ -149,10 +148,16 @@ class MCPipeline:
         extras: dict[str, Any] = {}
         if seg is not None and self.hole_control is not None and refiner is None:
             hc = self.hole_control(seg, b)
-            seg = seg * np.asarray(hc["mask"], dtype=seg.dtype)
+            kept = hc.get("indices")
+            if kept is None:
+                seg = seg * np.asarray(hc["mask"], dtype=seg.dtype)
+            else:  # sparse: only the kept candidates' pixels are copied (np.zeros is allocated lazily)
+                masked = np.zeros(seg.shape, dtype=seg.dtype)
+                masked.ravel()[kept] = seg.ravel()[kept]
+                seg = masked
             extras["hole_threshold_image"] = round(float(hc["threshold"]), 6)
         out = dict(ref(img, seg, b))
-        rp = np.clip(np.nan_to_num(_np2d(out.pop("prob"))), 0.0, 1.0).astype(np.float32)
+        rp = _unit_map(_np2d(out.pop("prob")))
         if rp.shape != img.shape:
             raise ValueError(f"refined map shape {rp.shape} differs from the image {img.shape}")
         if self.false_alarm is not None and refiner is None and threshold is None:
@@ -206,6 +211,19 @@ class MCPipeline:
             maps["extras"].update(r.pop("extras"))
             maps.update(r)
         return maps
+
+
+def _unit_map(p: np.ndarray) -> np.ndarray:
+    """``p`` as float32 in [0, 1], non-finite values made 0 (NaN, -inf) or 1 (+inf).
+
+    A map that already is float32, finite and in [0, 1] (the usual case) is returned as it is:
+    two reductions instead of four full-image passes and copies.
+    """
+    if p.dtype == np.float32 and p.size:
+        lo, hi = float(p.min()), float(p.max())  # NaN propagates and fails both tests
+        if lo >= 0.0 and hi <= 1.0:
+            return p
+    return np.clip(np.nan_to_num(p, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0).astype(np.float32)
 
 
 class PipelineInferer:

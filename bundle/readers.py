@@ -181,6 +181,8 @@ def _handle_non_finite(arr: np.ndarray, path: PathLike, nan_policy: str) -> np.n
     """Raise or fill NaN/inf according to ``nan_policy``; returns a finite array."""
     if not np.issubdtype(arr.dtype, np.floating):
         return arr
+    if np.isfinite(np.sum(arr, dtype=np.float64)):  # one reduction, no mask: finite values cannot overflow it
+        return arr
     finite = np.isfinite(arr)
     if finite.all():
         return arr
@@ -235,6 +237,19 @@ def _dicom_output_range(ds: Any, voi: str) -> tuple[float, float] | None:
         return (min(lo, hi), max(lo, hi))
     except (AttributeError, TypeError, ValueError, IndexError, KeyError):
         return None
+
+
+def _identity_rescale(ds: Any) -> bool:
+    """Whether the modality transform of ``ds`` is the identity (no Modality LUT, slope 1 or
+    absent, intercept 0 or absent) and the stored integers fit float32 exactly (<= 24 bits)."""
+    if "ModalityLUTSequence" in ds:
+        return False
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return False
+    return slope == 1.0 and intercept == 0.0 and int(ds.get("BitsStored", 16) or 16) <= 24
 
 
 def _read_dicom(
@@ -293,7 +308,10 @@ def _read_dicom(
     if arr.ndim != 2:
         raise MammogramError(path, f"pixel data has shape {arr.shape}; a single 2-D grey-scale frame is expected")
     try:
-        arr = apply_modality_lut(arr, ds)
+        if _identity_rescale(ds):  # the usual FFDM: skip pydicom's float64 copy (same values)
+            arr = arr.astype(np.float32)
+        else:
+            arr = apply_modality_lut(arr, ds)
         voi = "none"
         if apply_voi:
             if ds.get("VOILUTSequence"):

@@ -30,6 +30,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import disk, white_tophat
 from skimage.restoration import inpaint_biharmonic
 
+from bundle.clusters import dilate_indices
 from bundle.inpainting import inpaint_crops, inpaint_tiles
 from bundle.utils import as_2d
 
@@ -84,6 +85,12 @@ def breast_mask_2d(breast: ArrayLike2D | None, shape: tuple[int, ...]) -> np.nda
     return b if b.any() else None
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether every value of ``a`` is finite, in one reduction and without a mask: the float64
+    sum of finite float32 values cannot overflow, so it is finite exactly when they all are."""
+    return bool(np.isfinite(np.sum(a, dtype=np.float64)))
+
+
 def _sanitize(image: ArrayLike2D, name: str = "image") -> tuple[np.ndarray, np.ndarray]:
     """Replace non-finite pixels by a local mean of finite neighbours (with a warning).
 
@@ -94,9 +101,9 @@ def _sanitize(image: ArrayLike2D, name: str = "image") -> tuple[np.ndarray, np.n
         (clean float32 copy, bool mask of the pixels that were non-finite).
     """
     img = to_2d(image, name).copy()
+    if _all_finite(img):
+        return img, np.zeros(img.shape, dtype=bool)
     bad = ~np.isfinite(img)
-    if not bad.any():
-        return img, bad
     warnings.warn(f"{name} has {int(bad.sum())} non-finite pixel(s); they are replaced by a local mean.", stacklevel=3)
     good = ~bad
     fill = np.where(good, img, 0.0).astype(np.float64)
@@ -304,13 +311,6 @@ def _dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _hole_from_prob(segai: np.ndarray, threshold: float, dilation_px: int) -> np.ndarray:
-    hole = segai >= threshold
-    if dilation_px > 0 and hole.any():
-        hole = _dilate_disk(hole, int(dilation_px))
-    return hole
-
-
 def _difference_prob(
     img: np.ndarray,
     virtual: np.ndarray,
@@ -372,23 +372,38 @@ def genai_refine(
         ``{"prob": float32 (H, W), "virtual_normal": float32 (H, W), "hole": bool (H, W),
         "scale": float}``.
     """
-    img, bad = _sanitize(image)
-    seg_raw = to_2d(segai_prob, "segai_prob")
-    if seg_raw.shape != img.shape:
-        raise ValueError(f"segai_prob {seg_raw.shape} and image {img.shape} differ in shape.")
-    if not np.isfinite(seg_raw).all():
+    img = to_2d(image, "image")
+    if _all_finite(img):  # the usual case: no copy, no mask of bad pixels
+        bad_idx = None
+    else:
+        img, bad = _sanitize(image)
+        bad_idx = np.flatnonzero(bad)
+    seg = to_2d(segai_prob, "segai_prob")
+    if seg.shape != img.shape:
+        raise ValueError(f"segai_prob {seg.shape} and image {img.shape} differ in shape.")
+    if not _all_finite(seg):
         warnings.warn("segai_prob has non-finite values; they count as 0.", stacklevel=2)
-    seg = np.nan_to_num(seg_raw, nan=0.0, posinf=1.0, neginf=0.0)
+        seg = np.nan_to_num(seg, nan=0.0, posinf=1.0, neginf=0.0)
     b = breast_mask_2d(breast, img.shape)
-    hole = _hole_from_prob(seg, threshold, dilation_px) & ~bad
+    # the hole, sparsely: SegAI marks thousands of pixels of a ten-megapixel view
+    hole_idx = dilate_indices(np.flatnonzero(seg >= threshold), img.shape, int(dilation_px))
+    if bad_idx is not None and bad_idx.size:
+        hole_idx = hole_idx[~np.isin(hole_idx, bad_idx)]
+    hole = np.zeros(img.shape, dtype=bool)
+    hole.ravel()[hole_idx] = True
     if scale is None:
         scale = difference_scale(img, b, k_sigma=k_sigma)
-    if not hole.any():
+    if hole_idx.size == 0:
         warnings.warn("genai_refine: SegAI has no activation; the refined map is empty.", stacklevel=2)
-        return {"prob": np.zeros_like(img), "virtual_normal": img, "hole": hole, "scale": float(scale)}
-    virtual = to_2d(inpaint_fn(img, hole), "virtual")
-    virtual = np.where(hole, virtual, img).astype(np.float32)
-    prob = _difference_prob(img, virtual, hole, float(scale), signed, b)
+        return {"prob": np.zeros(img.shape, np.float32), "virtual_normal": img.copy(), "hole": hole, "scale": float(scale)}
+    filled = to_2d(inpaint_fn(img, hole), "virtual")
+    virtual = img.astype(np.float32, copy=True)
+    virtual.ravel()[hole_idx] = filled.ravel()[hole_idx]
+    keep = hole_idx if b is None else hole_idx[b.ravel()[hole_idx]]
+    diff = img.ravel()[keep] - virtual.ravel()[keep]
+    diff = np.maximum(diff, 0.0) if signed else np.abs(diff)
+    prob = np.zeros(img.shape, dtype=np.float32)
+    prob.ravel()[keep] = np.clip(diff / float(scale), 0.0, 1.0)
     return {"prob": prob, "virtual_normal": virtual, "hole": hole, "scale": float(scale)}
 
 

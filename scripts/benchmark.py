@@ -8,6 +8,7 @@ usage:
     python scripts/benchmark.py                       # anchor, SegAI alone, the two-stage default
     python scripts/benchmark.py --methods anchor segai genai grid
     python scripts/benchmark.py --rows 2048 --cols 1664 --repeats 2
+    python scripts/benchmark.py --methods genai --profile 40   # + where one call spends its time
 
 Methods name config variants: ``anchor`` (MONAI's ``SlidingWindowInferer``, roi 512, overlap
 0.125, with SegAI's network over the whole preprocessed image: the network pass alone, a
@@ -70,7 +71,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _one(method: str, image: str, repeats: int, threads: int) -> dict:
+def _one(method: str, image: str, repeats: int, threads: int, profile: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -119,6 +120,8 @@ def _one(method: str, image: str, repeats: int, threads: int) -> dict:
             d = runner.predict(image)
             times.append(time.perf_counter() - t0)
         h, w = d["image"].shape[-2:]
+        if profile:
+            _profile(lambda: runner.predict(image), profile)
     best = min(times)
     return {
         "method": method,
@@ -133,6 +136,24 @@ def _one(method: str, image: str, repeats: int, threads: int) -> dict:
     }
 
 
+def _profile(fn, top: int) -> None:
+    """One more call of ``fn`` under cProfile; the ``top`` entries by cumulative time go to stderr.
+
+    The figures are the profiler's (slower than the timed runs): read the shares, not the seconds.
+    """
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    print(buf.getvalue(), file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["anchor", "segai", "genai"], choices=sorted(METHODS))
@@ -142,10 +163,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=str, default="", help="also write the figures to this JSON file")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed runs, profile one more call of each method (cProfile) and print its N "
+                         "most expensive calls by cumulative time (not for the anchor)")
     ap.add_argument("--_one", nargs=2, metavar=("METHOD", "IMAGE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
-        print(json.dumps(_one(args._one[0], args._one[1], args.repeats, args.threads)))
+        print(json.dumps(_one(args._one[0], args._one[1], args.repeats, args.threads, args.profile)))
         return 0
 
     sys.path.insert(0, str(ROOT))
@@ -159,8 +183,11 @@ def main() -> int:
     print(f"phantom {args.rows} x {args.cols} made in {time.perf_counter() - t0:.1f} s", flush=True)
     results = []
     for m in args.methods:
-        cmd = [sys.executable, __file__, "--_one", m, str(image), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--_one", m, str(image), "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--profile", str(args.profile)]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if args.profile and p.returncode == 0 and m != "anchor":
+            print(f"--- profile of {m} ---\n" + p.stderr[p.stderr.find("   Ordered by"):], flush=True)
         if p.returncode != 0:
             print(f"{m}: FAILED\n{p.stderr[-2000:]}")
             continue

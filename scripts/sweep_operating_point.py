@@ -54,7 +54,7 @@ def _cache_case(pipe, pre, img: Path, lab: Path, spacing: float, loosest: float,
     hc = pipe.hole_control
     ctl = FalseAlarmControl(expected_false_marks=hc.expected_false_marks, cluster_false_marks=loosest,
                             candidate_threshold=cand, fit_ranks=hc.fit_ranks,
-                            min_threshold=min(cand, hc.min_threshold), max_threshold=hc.max_threshold, spacing_mm=spacing)
+                            min_threshold=cand, max_threshold=hc.max_threshold, spacing_mm=spacing)
     mask = np.asarray(ctl(prob, b)["mask"])
     ref = pipe.refiner(x, prob * mask, b)
     hole = np.flatnonzero(np.asarray(ref["hole"]))
@@ -178,7 +178,7 @@ def main() -> int:
         for cand, c in [(k, r) for k in cand_values for r in args.cluster]:
             ctl = FalseAlarmControl(expected_false_marks=hc.expected_false_marks, cluster_false_marks=c,
                                     candidate_threshold=cand, fit_ranks=hc.fit_ranks,
-                                    min_threshold=min(cand, hc.min_threshold), max_threshold=hc.max_threshold,
+                                    min_threshold=cand, max_threshold=hc.max_threshold,
                                     spacing_mm=spacing)
             hole = _dilate_disk(np.asarray(ctl(prob, breast)["mask"]), 1)
             pred = (rp_loose * hole) >= args.refined
