@@ -238,3 +238,24 @@ def test_mcgenref_overlay_honours_refine_false():
     off = parser_of("inference", "inference_mcgenref")
     off["refine"] = False
     assert off.get_parsed_content("pipeline").refiner is None
+
+
+def test_finetune_overlay_starts_from_the_given_weights(tmp_path):
+    """``train_segai_finetune.json`` warm-starts from ``init_ckpt`` (default the shipped SegAI) and
+    keeps the real-domain recipe's network and data; a missing checkpoint is named."""
+    import torch
+
+    names = ("train_segai", "train_segai_real", "train_segai_finetune")
+    p = parser_of(*names)
+    net = p.get_parsed_content("network")
+    shipped = torch.load(ROOT / "models" / "model.pt", map_location="cpu", weights_only=True)
+    shipped = shipped.get("network", shipped)
+    got = net.state_dict()
+    assert set(got) == set(shipped)
+    assert all(torch.equal(got[k].cpu(), shipped[k]) for k in got)
+    assert resolved(p, "network_def") == resolved(parser_of("inference"), "network_def")
+    assert p.get_parsed_content("output_dir").endswith("eval/train_segai_finetune")
+    missing = parser_of(*names, init_ckpt=str(tmp_path / "none.pt"))
+    with pytest.raises(RuntimeError) as err:
+        missing.get_parsed_content("network")
+    assert isinstance(err.value.__cause__, FileNotFoundError) and "none.pt" in str(err.value.__cause__)
