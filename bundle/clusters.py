@@ -23,6 +23,7 @@ __all__ = [
     "find_clusters",
     "pixel_components",
     "dilate_indices",
+    "component_centroids",
     "label_maxima",
     "label_centroids",
     "drop_large_marks",
@@ -209,11 +210,25 @@ def label_centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
         ``(centres, sizes)``: (n, 2) float64 centres (NaN for a label with no pixel) and (n,) sizes.
     """
     rows, cols = np.nonzero(labels)
-    lab = labels[rows, cols]
-    sizes = np.bincount(lab, minlength=n + 1)[1 : n + 1]
+    return component_centroids(rows, cols, labels[rows, cols].astype(np.int64) - 1, n)
+
+
+def component_centroids(rows: np.ndarray, cols: np.ndarray, comp: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (row, col) and size of each component 0..n-1 of the pixels ``(rows, cols)``.
+
+    Args:
+        rows: (m,) row of each pixel.
+        cols: (m,) column of each pixel.
+        comp: (m,) component id 0..n-1 of each pixel (as :func:`pixel_components` gives them).
+        n: number of components.
+
+    Returns:
+        ``(centres, sizes)``: (n, 2) float64 centres (NaN for a component with no pixel) and (n,) sizes.
+    """
+    sizes = np.bincount(comp, minlength=n)[:n]
     with np.errstate(invalid="ignore", divide="ignore"):
-        cr = np.bincount(lab, weights=rows, minlength=n + 1)[1 : n + 1] / sizes
-        cc = np.bincount(lab, weights=cols, minlength=n + 1)[1 : n + 1] / sizes
+        cr = np.bincount(comp, weights=rows, minlength=n)[:n] / sizes
+        cc = np.bincount(comp, weights=cols, minlength=n)[:n] / sizes
     return np.stack([cr, cc], axis=1).reshape(-1, 2), sizes
 
 

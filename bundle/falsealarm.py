@@ -33,11 +33,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from bundle.clusters import find_clusters, label_centroids, label_maxima, pixel_components
+from bundle.clusters import component_centroids, find_clusters, label_centroids, pixel_components
 
-__all__ = ["FalseAlarmControl", "null_tail_threshold", "candidate_scores"]
+__all__ = ["FalseAlarmControl", "null_tail_threshold", "candidate_pixels", "candidate_scores"]
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -49,10 +48,44 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
 
 
+def candidate_pixels(
+    prob: np.ndarray, candidate_threshold: float, breast: np.ndarray | None = None, connectivity: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate marks of a map as pixel lists: the map's pixels at or above the threshold,
+    labelled sparsely (:func:`bundle.clusters.pixel_components`), so the cost follows the number
+    of candidate pixels, not the image size.
+
+    Args:
+        prob: (H, W) map in [0, 1] (NaN is never a candidate; +inf scores as the float32 maximum).
+        candidate_threshold: pixels at or above it form candidates.
+        breast: optional mask; candidates are taken inside it only.
+        connectivity: 1 (4-) or 2 (8-connectivity).
+
+    Returns:
+        ``(idx, comp, scores)``: sorted flat indices of the candidate pixels, their (len(idx),)
+        candidate ids 0..n-1 (numbered as ``ndimage.label`` numbers them, less one) and the
+        (n,) float64 peak value of each candidate.
+    """
+    p = np.asarray(prob, dtype=np.float32)
+    if p.ndim != 2:
+        raise ValueError(f"expected a 2-D map, got shape {p.shape}")
+    flat = p.ravel()
+    idx = np.flatnonzero(flat >= candidate_threshold)
+    if breast is not None:
+        b = np.asarray(breast)
+        if b.shape != p.shape:
+            raise ValueError(f"breast shape {b.shape} differs from map shape {p.shape}")
+        idx = idx[b.ravel()[idx] > 0]
+    comp, n = pixel_components(idx, p.shape, connectivity)
+    scores = np.full(n, -np.inf)
+    np.maximum.at(scores, comp, np.nan_to_num(flat[idx].astype(np.float64), posinf=float(np.finfo(np.float32).max)))
+    return idx, comp, scores
+
+
 def candidate_scores(
     prob: np.ndarray, candidate_threshold: float, breast: np.ndarray | None = None, connectivity: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate marks of a map and their peak scores.
+    """Candidate marks of a map and their peak scores, as a label image (see :func:`candidate_pixels`).
 
     Args:
         prob: (H, W) map in [0, 1].
@@ -63,19 +96,10 @@ def candidate_scores(
     Returns:
         ``(labels, scores)``: (H, W) int32 candidate labels 1..n and their (n,) peak values.
     """
-    p = np.nan_to_num(np.asarray(prob, dtype=np.float32), nan=0.0)
-    if p.ndim != 2:
-        raise ValueError(f"expected a 2-D map, got shape {p.shape}")
-    cand = p >= candidate_threshold
-    if breast is not None:
-        b = np.asarray(breast) > 0
-        if b.shape != p.shape:
-            raise ValueError(f"breast shape {b.shape} differs from map shape {p.shape}")
-        cand &= b
-    labels, n = ndimage.label(cand, structure=ndimage.generate_binary_structure(2, connectivity))
-    if n == 0:
-        return labels.astype(np.int32), np.zeros(0, np.float64)
-    return labels.astype(np.int32), label_maxima(p, labels, n)
+    idx, comp, scores = candidate_pixels(prob, candidate_threshold, breast, connectivity)
+    labels = np.zeros(np.shape(prob), dtype=np.int32)
+    labels.ravel()[idx] = comp + 1
+    return labels, scores
 
 
 def null_tail_threshold(
@@ -222,23 +246,9 @@ class FalseAlarmControl:
             ``n_candidates`` and ``n_marks``.
         """
         p = np.asarray(prob, dtype=np.float32)
-        if p.ndim != 2:
-            raise ValueError(f"expected a 2-D map, got shape {p.shape}")
-        flat = p.ravel()
-        idx = np.flatnonzero(flat >= self.candidate_threshold)  # NaN never passes
-        if breast is not None:
-            b = np.asarray(breast)
-            if b.shape != p.shape:
-                raise ValueError(f"breast shape {b.shape} differs from map shape {p.shape}")
-            idx = idx[b.ravel()[idx] > 0]
-        comp, n = pixel_components(idx, p.shape, self.connectivity)
-        scores = np.full(n, -np.inf)
-        vals = np.nan_to_num(flat[idx].astype(np.float64), posinf=float(np.finfo(np.float32).max))
-        np.maximum.at(scores, comp, vals)
-        rows, cols = np.divmod(idx, p.shape[1])
-        sizes = np.bincount(comp, minlength=n)
-        centres = np.stack([np.bincount(comp, weights=rows, minlength=n), np.bincount(comp, weights=cols, minlength=n)], axis=1)
-        centres = centres / np.maximum(sizes, 1)[:, None]
+        idx, comp, scores = candidate_pixels(p, self.candidate_threshold, breast, self.connectivity)
+        n = scores.size
+        centres = component_centroids(*np.divmod(idx, p.shape[-1]), comp, n)[0]
         keep, t, t_cl = self.select(None, scores, centres)
         kept = idx[keep[comp]] if n else idx
         mask = np.zeros(p.shape, dtype=bool)
