@@ -45,6 +45,8 @@ OPTION_HELP: dict[str, str] = {
     "device": "torch device (default: cuda when available, else cpu)",
     "hole_false_marks": "expected false marks per image that the refinement verifies",
     "hole_cluster_false_marks": "the same for marks in clusters",
+    "grow_threshold": "marks of the refined mask grow into connected pixels with refined map >= this value "
+                      "(their rims; no new marks); '$None' grows nothing",
     "max_mark_diameter_mm": "marks of the refined mask larger than a disk of this diameter (mm) are removed: not MCs; '$None' keeps all",
     "bundle_root": "the bundle folder",
 }

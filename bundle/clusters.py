@@ -27,6 +27,7 @@ __all__ = [
     "label_maxima",
     "label_centroids",
     "drop_large_marks",
+    "grow_marks",
     "mark_table",
     "cluster_table",
 ]
@@ -263,6 +264,39 @@ def drop_large_marks(mask: np.ndarray, max_diameter_mm: float, spacing_mm: float
     max_px = np.pi * (0.5 * max_diameter_mm / spacing_mm) ** 2
     keep = np.bincount(comp, minlength=n) <= max_px
     out.ravel()[idx[keep[comp]]] = True
+    return out
+
+
+def grow_marks(seeds: np.ndarray, support: np.ndarray, connectivity: int = 2) -> np.ndarray:
+    """The connected parts of ``support`` that hold a seed pixel, plus the seeds (hysteresis).
+
+    The refined mask keeps each MC's bright core (refined map >= the operating point); its rim,
+    where the difference to the virtual normal is weaker, is below it. Growing every kept mark into
+    the connected pixels of a looser support (e.g. refined map >= a lower threshold) restores the
+    rim without adding a mark: a support component without a seed is not kept. This is
+    ``skimage.filters.apply_hysteresis_threshold`` on two given masks, labelled sparsely
+    (:func:`pixel_components`) because both masks hold a few thousand pixels of a full-field view.
+
+    Args:
+        seeds: (H, W) binary mask of the marks (e.g. the refined mask).
+        support: (H, W) binary mask the marks may grow into.
+        connectivity: 1 (4-) or 2 (8-connectivity).
+
+    Returns:
+        (H, W) bool mask: ``seeds`` or'ed with every ``support`` component touching a seed.
+    """
+    s, g = np.asarray(seeds), np.asarray(support)
+    if s.ndim != 2 or s.shape != g.shape:
+        raise ValueError(f"seeds and support must be 2-D masks of one shape, got {s.shape} and {g.shape}")
+    sidx = np.flatnonzero(s)
+    out = np.zeros(s.shape, dtype=bool)
+    if sidx.size == 0:
+        return out
+    idx = np.union1d(np.flatnonzero(g), sidx)
+    comp, n = pixel_components(idx, s.shape, connectivity)
+    seeded = np.zeros(n, dtype=bool)
+    seeded[comp[np.searchsorted(idx, sidx)]] = True
+    out.ravel()[idx[seeded[comp]]] = True
     return out
 
 

@@ -10,6 +10,7 @@ named maps:
 - ``mask``: ``prob >= threshold`` (the high-sensitivity map, the refinement's hole);
 - ``refined_prob``, ``refined_mask``, ``virtual_normal`` when a refiner is set (the refined
   mask is ``refined_prob >= refined_threshold`` or, with ``false_alarm``, that control's mask,
+  grown into the connected pixels with ``refined_prob >= grow_threshold`` when that is set,
   less the marks larger than ``max_mark_diameter_mm``),
   plus whatever else the refiner returns (e.g. ``hole``);
 - ``extras``: per-image operating points (``hole_threshold_image``,
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.clusters import drop_large_marks
+from bundle.clusters import drop_large_marks, grow_marks
 from bundle.utils import as_2d
 
 __all__ = ["MCPipeline", "PipelineInferer"]
@@ -62,6 +63,10 @@ class MCPipeline:
             than a disk of this diameter is removed (:func:`bundle.clusters.drop_large_marks`:
             not a microcalcification). None keeps every mark.
         spacing_mm: pixel spacing of the working grid in mm (for ``max_mark_diameter_mm``).
+        grow_threshold: optional lower threshold of the refined map into which each mark of the
+            refined mask grows (:func:`bundle.clusters.grow_marks`, hysteresis): it restores the
+            rim of a kept MC, where the difference to the virtual normal is weaker than at its
+            core, and adds no mark. None (or a value >= the refined threshold) grows nothing.
         device: device of the network.
         uses_segai: whether the refiner needs SegAI's map; None reads the refiner's ``needs``
             attribute (default: it does).
@@ -80,6 +85,7 @@ class MCPipeline:
         uses_segai: bool | None = None,
         max_mark_diameter_mm: float | None = None,
         spacing_mm: float = 0.07,
+        grow_threshold: float | None = None,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -94,6 +100,9 @@ class MCPipeline:
             raise ValueError(f"max_mark_diameter_mm and spacing_mm must be > 0, got {max_mark_diameter_mm}, {spacing_mm}")
         self.max_mark_diameter_mm = None if max_mark_diameter_mm is None else float(max_mark_diameter_mm)
         self.spacing_mm = float(spacing_mm)
+        if grow_threshold is not None and not 0.0 <= grow_threshold <= 1.0:
+            raise ValueError(f"grow_threshold must be in [0, 1] or None, got {grow_threshold}")
+        self.grow_threshold = None if grow_threshold is None else float(grow_threshold)
 
     # ------------------------------------------------------------------ stage 1
     @torch.no_grad()
@@ -166,6 +175,8 @@ class MCPipeline:
             extras["refined_threshold_image"] = round(float(fa["threshold"]), 6)
         else:
             rm = rp >= (self.refined_threshold if threshold is None else float(threshold))
+        if self.grow_threshold is not None and refiner is None and threshold is None:
+            rm = grow_marks(rm, rp >= self.grow_threshold)
         if self.max_mark_diameter_mm is not None and refiner is None:
             rm = drop_large_marks(rm, self.max_mark_diameter_mm, self.spacing_mm)
         res: dict[str, Any] = {k: v for k, v in out.items() if k != "virtual_normal"}

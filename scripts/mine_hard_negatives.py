@@ -4,6 +4,7 @@
 usage:
     python scripts/mine_hard_negatives.py [--datalist work_data/real/datalist.json]
         [--ckpt models/model.pt] [--network-def JSON] [--threshold 0.3] [--margin 3] [--out DATALIST]
+        [--subdir hardneg] [--keep-previous]
 
 The shipped SegAI (2026-12-03) was trained on hard negatives mined with the SegAI shipped before
 it, which lives in git history (docs/training.md):
@@ -48,6 +49,12 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=0.3, help="SegAI probability that counts as firing")
     ap.add_argument("--margin", type=int, default=3, help="working-grid pixels kept clear around each MC")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--subdir", default="hardneg",
+                    help="folder beside the datalist that receives the coordinate files (a second mining round"
+                         " writes to its own folder and keeps the first)")
+    ap.add_argument("--keep-previous", action="store_true",
+                    help="add the hard negatives already named by --datalist's 'hardneg' keys (a second round"
+                         " mined with the SegAI the first round trained: the union of both)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -56,7 +63,7 @@ def main() -> int:
     from scipy import ndimage
     from tqdm import tqdm
 
-    from bundle.training import save_hard_negatives
+    from bundle.training import load_hard_negatives, save_hard_negatives
 
     datalist = args.datalist.resolve()
     if not datalist.is_file():
@@ -79,7 +86,7 @@ def main() -> int:
         pre = parser.get_parsed_content("preprocessing")
         pipeline = parser.get_parsed_content("pipeline")  # SegAI runs through the one pipeline
     spec = json.loads(datalist.read_text())
-    out_dir = datalist.parent / "hardneg"
+    out_dir = datalist.parent / args.subdir
     n_total = 0
     for item in tqdm(spec.get("training", []), desc="mining hard negatives", unit="case"):
         d = pre({"image": str(datalist.parent / item["image"]), "label": str(datalist.parent / item["label"])})
@@ -89,9 +96,12 @@ def main() -> int:
         label = np.asarray(d["label"])[0] > 0.5
         near_mc = ndimage.binary_dilation(label, iterations=args.margin) if label.any() else label
         hard = (prob >= args.threshold) & breast & ~near_mc
+        if args.keep_previous and item.get("hardneg"):
+            rows, cols = load_hard_negatives(datalist.parent / item["hardneg"], hard.shape)
+            hard[rows.numpy(), cols.numpy()] = True
         stem = Path(item["image"]).name.split(".")[0]
         save_hard_negatives(out_dir / f"{stem}.npz", hard)
-        item["hardneg"] = f"hardneg/{stem}.npz"
+        item["hardneg"] = f"{args.subdir}/{stem}.npz"
         n_total += int(hard.sum())
         tqdm.write(f"{stem}: {int(hard.sum())} hard-negative pixels")
     out = args.out or datalist.parent / "datalist_hardneg.json"

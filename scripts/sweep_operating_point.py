@@ -4,7 +4,7 @@
 usage:
     python scripts/sweep_operating_point.py FOLDER [FOLDER ...] [--cache DIR]
         [--cluster 40 50 60 70 80 100] [--max-diameter 0.8 1.0 1.5] [--refined 0.6]
-        [--candidate 0.5 0.3 0.2] [--set KEY=JSON ...]
+        [--candidate 0.5 0.3 0.2] [--grow 0.4 0.3] [--set KEY=JSON ...]
 
 Every FOLDER holds images with their ``<stem>_label.nii.gz`` (an all-zero label = an MC-free
 view), e.g. ``work_data/real/validation`` and the validation phantoms. Each case is read with the
@@ -22,6 +22,10 @@ phantoms (folder names containing "phantom"). Official figures come from the mai
 ``--candidate`` sweeps the hole control's candidate threshold (and its lowest threshold) as well;
 the cached refinement then runs on the hole of the lowest candidate threshold and the loosest
 cluster rate, and every other setting's hole is nested in it.
+
+``--grow`` adds settings whose marks are grown into the connected hole pixels with a refined map
+at or above the given lower threshold (:func:`bundle.clusters.grow_marks`, the pipeline's
+``grow_threshold``): the rim of each kept mark, and no new mark.
 
 ``--set`` overrides entries of ``configs/inference.json`` before the pipeline is built (a JSON
 value; a bare word is taken as a string), e.g. a candidate SegAI:
@@ -110,6 +114,8 @@ def main() -> int:
     ap.add_argument("--refined", type=float, default=0.6)
     ap.add_argument("--candidate", nargs="+", type=float, default=None,
                     help="hole control candidate thresholds (also its lowest threshold); default: the config's")
+    ap.add_argument("--grow", nargs="+", type=float, default=[],
+                    help="also score marks grown into the hole pixels with refined map >= each value")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                     help="override an entry of configs/inference.json (repeatable)")
     args = ap.parse_args()
@@ -133,7 +139,7 @@ def main() -> int:
     from monai.transforms import Compose
     from tqdm import tqdm
 
-    from bundle.clusters import drop_large_marks
+    from bundle.clusters import drop_large_marks, grow_marks
     from bundle.data import BreastMaskd, LoadMammogramd, NormalizeMammogramd, OrientBreastd, ResampleToSpacingd
     from bundle.falsealarm import FalseAlarmControl
     from bundle.refine_maps import _dilate_disk
@@ -181,16 +187,21 @@ def main() -> int:
                                     min_threshold=cand, max_threshold=hc.max_threshold,
                                     spacing_mm=spacing)
             hole = _dilate_disk(np.asarray(ctl(prob, breast)["mask"]), 1)
-            pred = (rp_loose * hole) >= args.refined
-            agg.setdefault((cand, c, "none"), {}).setdefault(grp, []).append(_score(pred, truth, breast, t))
-            for dmax in args.max_diameter:
-                kept = drop_large_marks(pred, dmax, spacing)
-                agg.setdefault((cand, c, f"{dmax:g} mm"), {}).setdefault(grp, []).append(_score(kept, truth, breast, t))
+            rp = rp_loose * hole
+            core = rp >= args.refined
+            for grow in [None, *args.grow]:
+                pred = core if grow is None else grow_marks(core, rp >= grow)
+                gtag = "-" if grow is None else f"{grow:g}"
+                agg.setdefault((cand, c, gtag, "none"), {}).setdefault(grp, []).append(_score(pred, truth, breast, t))
+                for dmax in args.max_diameter:
+                    kept = drop_large_marks(pred, dmax, spacing)
+                    agg.setdefault((cand, c, gtag, f"{dmax:g} mm"), {}).setdefault(grp, []).append(
+                        _score(kept, truth, breast, t))
     print(f"{len(cases)} cases; refined >= {args.refined}; working grid {spacing} mm")
-    print("candidate | cluster rate | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
+    print("candidate | cluster rate | grow | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
           "false marks, pixel sens. | phantoms: MCs >= 0.2 mm, pixel sens.")
-    for (cand, c, dm), g in sorted(agg.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
-        line = f"{cand:9g} | {c:12g} | {dm:8s} |"
+    for (cand, c, gt, dm), g in sorted(agg.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
+        line = f"{cand:9g} | {c:12g} | {gt:4s} | {dm:8s} |"
         cl, inj, ph = g.get("clean", []), g.get("inj", []), g.get("phantom", [])
         tot = lambda lst, k: sum(x[k] for x in lst)  # noqa: E731
         if cl:

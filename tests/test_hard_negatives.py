@@ -56,3 +56,26 @@ def test_mining_refuses_a_missing_datalist(tmp_path):
     p = subprocess.run([sys.executable, "scripts/mine_hard_negatives.py", "--datalist", str(tmp_path / "nope.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "nope.json" in p.stderr
+
+
+def test_second_round_keeps_the_first_and_writes_its_own_folder(mined):
+    from bundle.training import load_hard_negatives
+
+    d, _ = mined
+    first = json.loads((d / "datalist_hardneg.json").read_text())
+    before = {p.name: p.read_bytes() for p in (d / "hardneg").iterdir()}
+    cmd = [sys.executable, "scripts/mine_hard_negatives.py", "--datalist", str(d / "datalist_hardneg.json"),
+           "--threshold", "0.5", "--subdir", "hardneg2", "--keep-previous", "--out", str(d / "datalist_hardneg2.json")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert {q.name: q.read_bytes() for q in (d / "hardneg").iterdir()} == before  # round 1 untouched
+    second = json.loads((d / "datalist_hardneg2.json").read_text())
+    for a, b in zip(first["training"], second["training"]):
+        assert b["hardneg"].startswith("hardneg2/")
+        with np.load(d / a["hardneg"]) as z:
+            shape = tuple(int(v) for v in z["shape"])
+        r1, c1 = load_hard_negatives(d / a["hardneg"], shape)
+        r2, c2 = load_hard_negatives(d / b["hardneg"], shape)
+        old = set(zip(r1.tolist(), c1.tolist()))
+        new = set(zip(r2.tolist(), c2.tolist()))
+        assert old <= new  # a stricter threshold (0.5 > 0.05) still keeps every first-round pixel

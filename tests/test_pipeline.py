@@ -85,6 +85,36 @@ def test_marks_larger_than_a_microcalcification_leave_the_refined_mask():
         MCPipeline(None, None, ident, max_mark_diameter_mm=0.0)
 
 
+def test_grow_threshold_restores_rims_without_adding_marks():
+    img = np.full((48, 48), 1.0, np.float32)
+    img[9:12, 9:12] = 1.4  # a rim of refined map 0.4 ...
+    img[10, 10] = 1.9  # ... around a core of 0.9: one MC
+    img[30:33, 30:33] = 1.4  # the same rim level with no core: not a mark
+    img[40, 5] = 1.9  # a core without a rim
+    ident = lambda image, prob, b: {"prob": np.clip(image - 1.0, 0, 1)}  # noqa: E731
+    ident.needs = ()
+    core = MCPipeline(None, None, ident, refined_threshold=0.6)(img)["refined_mask"]
+    assert core.sum() == 2
+    grown = MCPipeline(None, None, ident, refined_threshold=0.6, grow_threshold=0.3)(img)["refined_mask"]
+    assert grown[9:12, 9:12].all() and grown[40, 5]
+    assert not grown[30:33, 30:33].any()  # no seed, no mark
+    assert grown.sum() == 9 + 1
+    # a growth threshold above the rim grows nothing; an explicit threshold bypasses it (study path)
+    high = MCPipeline(None, None, ident, refined_threshold=0.6, grow_threshold=0.5)(img)["refined_mask"]
+    np.testing.assert_array_equal(high, core)
+    pipe = MCPipeline(None, None, ident, refined_threshold=0.6, grow_threshold=0.3)
+    np.testing.assert_array_equal(pipe.refine(img, None, threshold=0.6)["refined_mask"], core)
+    # growth comes before the size limit: a rim that makes a mark larger than an MC removes it
+    big = img.copy()
+    big[15:29, 15:29] = 1.4
+    big[20, 20] = 1.9
+    limited = MCPipeline(None, None, ident, refined_threshold=0.6, grow_threshold=0.3,
+                         max_mark_diameter_mm=1.0, spacing_mm=0.07)(big)["refined_mask"]
+    assert not limited[15:29, 15:29].any() and limited[10, 10]
+    with pytest.raises(ValueError, match="grow_threshold"):
+        MCPipeline(None, None, ident, grow_threshold=1.5)
+
+
 def test_label_centroids_equal_scipy_center_of_mass():
     from scipy import ndimage
 
@@ -137,6 +167,30 @@ def test_inference_config_has_monai_infer_properties_and_its_evaluator_runs_the_
     out = runner.predict(wf.parser.get_parsed_content("inputs")[0]["image"])
     if out["refined_prob"].shape[-2:] == pred.shape[-2:]:
         np.testing.assert_allclose(np.asarray(out["refined_prob"][0]), np.asarray(pred[0]), atol=1e-5)
+
+
+def test_grow_threshold_option_of_the_inference_config(one_phantom):
+    from monai.bundle import ConfigParser
+    from scipy import ndimage
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser["bundle_root"] = str(ROOT)
+    parser["dataset_dir"] = str(one_phantom)
+    assert parser.get_parsed_content("pipeline").grow_threshold is None  # the default grows nothing
+    d = parser.get_parsed_content("preprocessing")({"image": parser.get_parsed_content("inputs")[0]["image"]})
+    pipe = parser.get_parsed_content("pipeline")
+    prob = pipe.segai(d["image"], d["breast"])
+    core = pipe.refine(d["image"], prob, d["breast"])
+    parser["grow_threshold"] = 0.2
+    grown_pipe = parser.get_parsed_content("pipeline", lazy=False)
+    assert grown_pipe.grow_threshold == 0.2
+    grown = grown_pipe.refine(d["image"], prob, d["breast"])
+    np.testing.assert_array_equal(grown["refined_prob"], core["refined_prob"])
+    a, b = core["refined_mask"], grown["refined_mask"]
+    assert a.any() and (b >= a).all() and b.sum() > a.sum()  # rims added ...
+    s8 = np.ones((3, 3))
+    assert ndimage.label(b, s8)[1] <= ndimage.label(a, s8)[1]  # ... and no mark
 
 
 def test_pipeline_inferer_returns_zeros_for_maps_it_does_not_make():

@@ -16,7 +16,7 @@ from scipy import ndimage
 from scipy.stats import rankdata
 from skimage.morphology import disk
 
-from bundle.clusters import dilate_indices, drop_large_marks, pixel_components
+from bundle.clusters import dilate_indices, drop_large_marks, grow_marks, pixel_components
 from bundle.falsealarm import FalseAlarmControl, candidate_scores
 from bundle.inpainting import inpaint_crops, plan_hole_crops
 from bundle.refine_maps import classical_inpaint_fn, genai_refine
@@ -87,6 +87,23 @@ def test_drop_large_marks_keeps_small_and_drops_large():
     out = drop_large_marks(m, 1.0, 0.07)
     assert out[5:7, 5:7].all() and out[59, 59] and not out[20:40, 20:40].any()
     assert out.sum() == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grow_marks_is_hysteresis_and_adds_no_mark(seed):
+    from skimage.filters import apply_hysteresis_threshold
+
+    x = ndimage.gaussian_filter(np.random.default_rng(seed).random((80, 90)), 1.5)
+    lo, hi = np.quantile(x, [0.7, 0.95])
+    # 4-connected, strict thresholds: exactly scikit-image's hysteresis
+    np.testing.assert_array_equal(grow_marks(x > hi, x > lo, connectivity=1), apply_hysteresis_threshold(x, lo, hi))
+    grown = grow_marks(x > hi, x > lo)
+    lab, n = ndimage.label(grown, np.ones((3, 3)))
+    assert n > 0 and set(np.unique(lab[x > hi])) == set(range(1, n + 1))  # every grown mark holds a seed
+    assert (grown >= (x > hi)).all() and not (grown & ~(x > lo) & ~(x > hi)).any()
+    assert not grow_marks(np.zeros_like(grown), x > lo).any()
+    with pytest.raises(ValueError, match="one shape"):
+        grow_marks(x > hi, (x > lo)[:10])
 
 
 def test_plan_hole_crops_one_crop_per_component_in_label_order():
