@@ -56,7 +56,7 @@ class MCRefApp(Application):
 
     name = "mcref-mc-segmentation"
     description = "Microcalcification segmentation of full-field digital mammograms (research use only)"
-    version = "0.3.1"
+    version = "0.3.2"
 
     def __init__(
         self,
