@@ -47,6 +47,8 @@ OPTION_HELP: dict[str, str] = {
     "hole_cluster_false_marks": "the same for marks in clusters",
     "grow_threshold": "marks of the refined mask grow into connected pixels with refined map >= this value "
                       "(their rims; no new marks); '$None' grows nothing",
+    "segai_grow_threshold": "marks of the refined mask grow into connected pixels with SegAI probability >= this "
+                            "value (SegAI's outline of a kept MC; no new marks); '$None' grows nothing",
     "max_mark_diameter_mm": "marks of the refined mask larger than a disk of this diameter (mm) are removed: not MCs; '$None' keeps all",
     "bundle_root": "the bundle folder",
 }

@@ -10,7 +10,8 @@ named maps:
 - ``mask``: ``prob >= threshold`` (the high-sensitivity map, the refinement's hole);
 - ``refined_prob``, ``refined_mask``, ``virtual_normal`` when a refiner is set (the refined
   mask is ``refined_prob >= refined_threshold`` or, with ``false_alarm``, that control's mask,
-  grown into the connected pixels with ``refined_prob >= grow_threshold`` when that is set,
+  grown into the connected pixels with ``refined_prob >= grow_threshold`` or SegAI's
+  ``prob >= segai_grow_threshold`` when those are set,
   less the marks larger than ``max_mark_diameter_mm``),
   plus whatever else the refiner returns (e.g. ``hole``);
 - ``extras``: per-image operating points (``hole_threshold_image``,
@@ -67,6 +68,9 @@ class MCPipeline:
             refined mask grows (:func:`bundle.clusters.grow_marks`, hysteresis): it restores the
             rim of a kept MC, where the difference to the virtual normal is weaker than at its
             core, and adds no mark. None (or a value >= the refined threshold) grows nothing.
+        segai_grow_threshold: optional SegAI probability into which each mark of the refined mask
+            grows (the same hysteresis on SegAI's own map, not the hole-controlled one): SegAI's
+            outline of an MC whose core the refinement kept. None grows nothing.
         device: device of the network.
         uses_segai: whether the refiner needs SegAI's map; None reads the refiner's ``needs``
             attribute (default: it does).
@@ -86,6 +90,7 @@ class MCPipeline:
         max_mark_diameter_mm: float | None = None,
         spacing_mm: float = 0.07,
         grow_threshold: float | None = None,
+        segai_grow_threshold: float | None = None,
     ) -> None:
         self.network = network
         self.inferer = inferer
@@ -100,9 +105,11 @@ class MCPipeline:
             raise ValueError(f"max_mark_diameter_mm and spacing_mm must be > 0, got {max_mark_diameter_mm}, {spacing_mm}")
         self.max_mark_diameter_mm = None if max_mark_diameter_mm is None else float(max_mark_diameter_mm)
         self.spacing_mm = float(spacing_mm)
-        if grow_threshold is not None and not 0.0 <= grow_threshold <= 1.0:
-            raise ValueError(f"grow_threshold must be in [0, 1] or None, got {grow_threshold}")
+        for name, value in (("grow_threshold", grow_threshold), ("segai_grow_threshold", segai_grow_threshold)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1] or None, got {value}")
         self.grow_threshold = None if grow_threshold is None else float(grow_threshold)
+        self.segai_grow_threshold = None if segai_grow_threshold is None else float(segai_grow_threshold)
 
     # ------------------------------------------------------------------ stage 1
     @torch.no_grad()
@@ -153,7 +160,7 @@ class MCPipeline:
             raise RuntimeError("MCPipeline.refine: no refiner")
         img = _np2d(image)
         b = None if breast is None else _np2d(breast) > 0
-        seg = _np2d(prob)
+        seg = seg_full = _np2d(prob)
         extras: dict[str, Any] = {}
         if seg is not None and self.hole_control is not None and refiner is None:
             hc = self.hole_control(seg, b)
@@ -175,8 +182,8 @@ class MCPipeline:
             extras["refined_threshold_image"] = round(float(fa["threshold"]), 6)
         else:
             rm = rp >= (self.refined_threshold if threshold is None else float(threshold))
-        if self.grow_threshold is not None and refiner is None and threshold is None:
-            rm = grow_marks(rm, rp >= self.grow_threshold)
+        if refiner is None and threshold is None:
+            rm = self._grow(rm, rp, seg_full)
         if self.max_mark_diameter_mm is not None and refiner is None:
             rm = drop_large_marks(rm, self.max_mark_diameter_mm, self.spacing_mm)
         res: dict[str, Any] = {k: v for k, v in out.items() if k != "virtual_normal"}
@@ -184,6 +191,16 @@ class MCPipeline:
         if out.get("virtual_normal") is not None:
             res["virtual_normal"] = _np2d(out["virtual_normal"])
         return res
+
+    def _grow(self, marks: np.ndarray, refined: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
+        """``marks`` grown into the refined map's and SegAI's looser pixels (the thresholds that are set)."""
+        support = None
+        if self.grow_threshold is not None:
+            support = refined >= self.grow_threshold
+        if self.segai_grow_threshold is not None and prob is not None:
+            s = prob >= self.segai_grow_threshold
+            support = s if support is None else support | s
+        return marks if support is None else grow_marks(marks, support)
 
     def needs_segai(self, refiner: Any | None = None) -> bool:
         """Whether ``refiner`` (default: the pipeline's) uses SegAI's map.

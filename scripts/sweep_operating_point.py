@@ -4,7 +4,7 @@
 usage:
     python scripts/sweep_operating_point.py FOLDER [FOLDER ...] [--cache DIR]
         [--cluster 40 50 60 70 80 100] [--max-diameter 0.8 1.0 1.5] [--refined 0.6]
-        [--candidate 0.5 0.3 0.2] [--grow 0.4 0.3] [--set KEY=JSON ...]
+        [--candidate 0.5 0.3 0.2] [--grow 0.4 0.3] [--grow-segai 0.7 0.5] [--set KEY=JSON ...]
 
 Every FOLDER holds images with their ``<stem>_label.nii.gz`` (an all-zero label = an MC-free
 view), e.g. ``work_data/real/validation`` and the validation phantoms. Each case is read with the
@@ -25,12 +25,14 @@ cluster rate, and every other setting's hole is nested in it.
 
 ``--grow`` adds settings whose marks are grown into the connected hole pixels with a refined map
 at or above the given lower threshold (:func:`bundle.clusters.grow_marks`, the pipeline's
-``grow_threshold``): the rim of each kept mark, and no new mark.
+``grow_threshold``; rows "r<value>"): the rim of each kept mark, and no new mark. ``--grow-segai``
+does the same into SegAI's own map (``segai_grow_threshold``; rows "s<value>").
 
 ``--set`` overrides entries of ``configs/inference.json`` before the pipeline is built (a JSON
 value; a bare word is taken as a string), e.g. a candidate SegAI:
 ``--set ckpt_path=eval/train_segai_hn/model.pt --set network_def#norm=batch --set network_def#act=relu``.
-The overrides are part of the cache file names, so each candidate has its own cache.
+The overrides and a hash of the SegAI and inpainter weights are part of the cache file names, so
+each candidate (and each retrained model at the same path) has its own cache.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def main() -> int:
                     help="hole control candidate thresholds (also its lowest threshold); default: the config's")
     ap.add_argument("--grow", nargs="+", type=float, default=[],
                     help="also score marks grown into the hole pixels with refined map >= each value")
+    ap.add_argument("--grow-segai", nargs="+", type=float, default=[],
+                    help="also score marks grown into the pixels with SegAI probability >= each value")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                     help="override an entry of configs/inference.json (repeatable)")
     args = ap.parse_args()
@@ -131,7 +135,6 @@ def main() -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    tag = "" if not overrides else "__" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
     sys.path.insert(0, str(ROOT))
     import contextlib
 
@@ -152,6 +155,11 @@ def main() -> int:
             parser[key] = value
         pipe = parser.get_parsed_content("pipeline")
         spacing = float(parser.get_parsed_content("working_spacing"))
+        # the cache is keyed by the overrides AND the bytes of the weights, so a retrained SegAI or
+        # inpainter at the same path never reuses another model's cached maps
+        weights = {k: hashlib.sha1(Path(parser.get_parsed_content(k)).read_bytes()).hexdigest()
+                   for k in ("ckpt_path", "inpainter_ckpt_path")}
+    tag = "__" + hashlib.sha1(json.dumps([overrides, weights], sort_keys=True).encode()).hexdigest()[:8]
     pre = Compose([LoadMammogramd(keys=["image", "label"]), OrientBreastd(keys=["image", "label"]),
                    ResampleToSpacingd(keys=["image", "label"], spacing=spacing, mode=["bilinear", "nearest"]),
                    BreastMaskd(image_key="image", out_key="breast"), NormalizeMammogramd(keys="image", breast_key="breast")])
@@ -159,7 +167,7 @@ def main() -> int:
     hc = pipe.hole_control
     cand_values = args.candidate or [hc.candidate_threshold]
     loose_cand = min(cand_values)
-    ctag = "" if loose_cand == hc.candidate_threshold else f"_k{loose_cand:g}"
+    ctag = f"_k{loose_cand:g}"
     args.cache.mkdir(parents=True, exist_ok=True)
     cases = []
     for folder in args.folders:
@@ -189,9 +197,10 @@ def main() -> int:
             hole = _dilate_disk(np.asarray(ctl(prob, breast)["mask"]), 1)
             rp = rp_loose * hole
             core = rp >= args.refined
-            for grow in [None, *args.grow]:
-                pred = core if grow is None else grow_marks(core, rp >= grow)
-                gtag = "-" if grow is None else f"{grow:g}"
+            variants = [("-", None)] + [(f"r{g:g}", rp >= g) for g in args.grow]
+            variants += [(f"s{g:g}", prob >= g) for g in args.grow_segai]
+            for gtag, support in variants:
+                pred = core if support is None else grow_marks(core, support)
                 agg.setdefault((cand, c, gtag, "none"), {}).setdefault(grp, []).append(_score(pred, truth, breast, t))
                 for dmax in args.max_diameter:
                     kept = drop_large_marks(pred, dmax, spacing)
@@ -201,7 +210,7 @@ def main() -> int:
     print("candidate | cluster rate | grow | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
           "false marks, pixel sens. | phantoms: MCs >= 0.2 mm, pixel sens.")
     for (cand, c, gt, dm), g in sorted(agg.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
-        line = f"{cand:9g} | {c:12g} | {gt:4s} | {dm:8s} |"
+        line = f"{cand:9g} | {c:12g} | {gt:5s} | {dm:8s} |"
         cl, inj, ph = g.get("clean", []), g.get("inj", []), g.get("phantom", [])
         tot = lambda lst, k: sum(x[k] for x in lst)  # noqa: E731
         if cl:

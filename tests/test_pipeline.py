@@ -113,6 +113,30 @@ def test_grow_threshold_restores_rims_without_adding_marks():
     assert not limited[15:29, 15:29].any() and limited[10, 10]
     with pytest.raises(ValueError, match="grow_threshold"):
         MCPipeline(None, None, ident, grow_threshold=1.5)
+    with pytest.raises(ValueError, match="segai_grow_threshold"):
+        MCPipeline(None, None, ident, segai_grow_threshold=-0.1)
+
+
+def test_segai_grow_threshold_grows_into_segais_outline_not_the_hole_controlled_map():
+    img = np.full((40, 40), 1.0, np.float32)
+    img[10, 10] = 1.9  # refined core
+    seg = np.zeros((40, 40), np.float32)
+    seg[9:12, 9:13] = 0.6  # SegAI's outline of that MC
+    seg[10, 10] = 0.95
+    seg[30:32, 30:32] = 0.9  # a SegAI mark the refinement did not keep: no seed, stays out
+    ident = lambda image, prob, b: {"prob": np.clip(image - 1.0, 0, 1)}  # noqa: E731
+    # the hole control keeps only the core pixel; growth still reads SegAI's full map
+    control = lambda p, b: {"mask": np.asarray(p) >= 0.9, "threshold": 0.9}  # noqa: E731
+    kw = dict(refined_threshold=0.6, hole_control=control)
+    core = MCPipeline(None, None, ident, **kw).refine(img, seg)["refined_mask"]
+    assert core.sum() == 1
+    grown = MCPipeline(None, None, ident, segai_grow_threshold=0.5, **kw).refine(img, seg)["refined_mask"]
+    assert grown[9:12, 9:13].all() and grown.sum() == 12
+    assert not grown[30:32, 30:32].any()
+    high = MCPipeline(None, None, ident, segai_grow_threshold=0.7, **kw).refine(img, seg)["refined_mask"]
+    np.testing.assert_array_equal(high, core)
+    both = MCPipeline(None, None, ident, segai_grow_threshold=0.7, grow_threshold=0.05, **kw).refine(img, seg)
+    assert both["refined_mask"].sum() == 1  # the refined map is 0 around the core: nothing to add there
 
 
 def test_label_centroids_equal_scipy_center_of_mass():
