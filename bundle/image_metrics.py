@@ -10,6 +10,10 @@
   (HDoGReg's object IoU), mean over all truth objects and over the detected ones.
 - :func:`truth_clusters`, :func:`cluster_stats`: MC clusters (>= 3 marks, single linkage 5 mm) of the
   truth and the prediction; detected truth clusters and false-positive clusters of one image.
+- :func:`loss_stages`: for each truth MC a two-stage pipeline misses, the stage that lost it (SegAI,
+  its candidate threshold, the hole's false-alarm control, the refined threshold, the size limit).
+- :func:`local_contrast_to_noise`: an MC's local contrast against the image's own noise, to tell an
+  MC no detector could separate from the tissue from one a model misses.
 
 The threshold sweeps built on them are in :mod:`bundle.detection_curves`, the ignite handlers that
 report them in :mod:`bundle.metric_handlers`; :mod:`bundle.metrics` re-exports all three.
@@ -41,6 +45,9 @@ __all__ = [
     "object_iou",
     "truth_clusters",
     "cluster_stats",
+    "local_contrast_to_noise",
+    "loss_stages",
+    "LOSS_STAGES",
 ]
 
 NAN = float("nan")
@@ -467,3 +474,106 @@ def cluster_stats(
         "n_detected_clusters": n_det,
         "cluster_sensitivity": _ratio(n_det, n_tc),
     }
+
+
+#: the stages of :func:`loss_stages`, in pipeline order ("found" first).
+LOSS_STAGES: tuple[str, ...] = ("found", "segai_mask", "candidates", "hole_control", "refined", "size_limit")
+
+
+def loss_stages(
+    truth: Any,
+    final: Any,
+    prob: Any,
+    hole: Any,
+    refined_prob: Any,
+    threshold: float = 0.05,
+    candidate_threshold: float = 0.2,
+    refined_threshold: float = 0.6,
+    spacing_mm: float | Sequence[float] = 0.07,
+    min_diameter_mm: float = 0.2,
+    connectivity: int = 2,
+) -> dict[str, int]:
+    """Where a two-stage pipeline (SegAI, hole control, refinement) loses each truth MC.
+
+    Each included truth object (equivalent diameter ``>= min_diameter_mm``) is counted once, at
+    the first stage that drops it: ``found`` (a pixel of ``final`` touches it), ``segai_mask``
+    (SegAI's probability stays below ``threshold`` on all its pixels), ``candidates`` (below the
+    hole control's ``candidate_threshold``), ``hole_control`` (no pixel in the ``hole`` the
+    control kept), ``refined`` (the refined probability stays below ``refined_threshold``) and
+    ``size_limit`` (refined mask touches it, the final mask does not: its mark was removed as too
+    large). Only the first two stages can be changed without retraining SegAI; the counts show
+    which lever is left.
+
+    Args:
+        truth: (H, W) truth mask.
+        final: (H, W) final (refined) mask.
+        prob: (H, W) SegAI probability.
+        hole: (H, W) mask of the hole the refiner saw (the control's kept marks).
+        refined_prob: (H, W) refined probability.
+        threshold: SegAI's mask threshold.
+        candidate_threshold: the hole control's lowest candidate probability.
+        refined_threshold: the refined mask's threshold.
+        spacing_mm: pixel spacing in mm (float or (row, col)).
+        min_diameter_mm: smallest included object.
+        connectivity: 1 (4-connectivity) or 2 (8-connectivity) of the truth objects.
+
+    Returns:
+        ``{stage: number of included objects}`` over :data:`LOSS_STAGES`.
+    """
+    t = _as_mask(truth, "truth")
+    arrays = {"final": _as_mask(final, "final"), "hole": _as_mask(hole, "hole"),
+              "prob": _as_2d(prob, "prob").astype(np.float32), "refined_prob": _as_2d(refined_prob, "refined_prob")}
+    for name, a in arrays.items():
+        if a.shape != t.shape:
+            raise ValueError(f"{name} shape {a.shape} differs from truth shape {t.shape}.")
+    labels, n = ndimage.label(t, structure=ndimage.generate_binary_structure(2, connectivity))
+    counts = dict.fromkeys(LOSS_STAGES, 0)
+    if n == 0:
+        return counts
+    idx = np.arange(1, n + 1)
+    row_mm, col_mm = _spacing_pair(spacing_mm)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    included = 2.0 * np.sqrt(sizes * row_mm * col_mm / math.pi) >= min_diameter_mm * (1.0 - 1e-9)
+    found = ndimage.maximum(arrays["final"].astype(np.uint8), labels, idx) > 0
+    pmax = ndimage.maximum(arrays["prob"], labels, idx)
+    in_hole = ndimage.maximum(arrays["hole"].astype(np.uint8), labels, idx) > 0
+    rmax = ndimage.maximum(np.where(arrays["hole"], arrays["refined_prob"], 0.0), labels, idx)
+    stage = np.select(
+        [found, pmax < threshold, pmax < candidate_threshold, ~in_hole, rmax < refined_threshold],
+        list(LOSS_STAGES[:5]), default=LOSS_STAGES[5],
+    )
+    for s in stage[included]:
+        counts[str(s)] += 1
+    return counts
+
+
+def local_contrast_to_noise(image: Any, radius_px: int = 4, noise_sigma_px: float = 2.0, window_px: int = 25) -> np.ndarray:
+    """Local contrast-to-noise map of small bright spots.
+
+    The contrast is the white top-hat of ``image`` with a disk of ``radius_px`` (what stands above
+    the tissue around a spot no wider than the disk); the noise is the local RMS of the image's
+    high-pass residual (``image`` minus its Gaussian blur at ``noise_sigma_px``) over a
+    ``window_px`` square. Both are library calls (``skimage.morphology.white_tophat``,
+    ``scipy.ndimage``); the composition is kept here because the evaluation needs one fixed
+    definition to compare found and missed MCs with the tissue's own spots (docs/results.md).
+
+    Args:
+        image: (H, W) image, normalised or raw.
+        radius_px: radius of the top-hat's disk in pixels.
+        noise_sigma_px: sigma of the blur whose residual is the noise.
+        window_px: side of the square window of the local RMS.
+
+    Returns:
+        float32 (H, W) map, contrast / noise (0 where the noise is 0).
+    """
+    from skimage.morphology import disk, white_tophat
+
+    x = _as_2d(image, "image").astype(np.float32)
+    if radius_px < 1 or window_px < 1 or noise_sigma_px <= 0:
+        raise ValueError(f"radius_px and window_px must be >= 1 and noise_sigma_px > 0, got {radius_px}, {window_px}, {noise_sigma_px}")
+    contrast = white_tophat(x, footprint=disk(int(radius_px)))
+    residual = x - ndimage.gaussian_filter(x, float(noise_sigma_px))
+    noise = np.sqrt(np.maximum(ndimage.uniform_filter(residual * residual, size=int(window_px)), 0.0))
+    out = np.zeros_like(x)
+    np.divide(contrast, noise, out=out, where=noise > 0)
+    return out.astype(np.float32)

@@ -28,6 +28,14 @@ at or above the given lower threshold (:func:`bundle.clusters.grow_marks`, the p
 ``grow_threshold``; rows "r<value>"): the rim of each kept mark, and no new mark. ``--grow-segai``
 does the same into SegAI's own map (``segai_grow_threshold``; rows "s<value>").
 
+``--stages`` adds, per setting (its first ``--max-diameter``), where the missed MCs >= 0.2 mm are
+lost (:func:`bundle.image_metrics.loss_stages`: SegAI's mask, the candidate threshold, the hole
+control, the refined threshold, the size limit). ``--contrast`` adds the local contrast-to-noise
+(:func:`bundle.image_metrics.local_contrast_to_noise`) of the found and the missed MCs, and the
+99.9th / 99.99th percentile of the same map over each view's tissue away from any MC: an MC
+below the tissue's own spots is one that no threshold on contrast can separate (it reads the
+images again once and adds the values to the cache).
+
 ``--set`` overrides entries of ``configs/inference.json`` before the pipeline is built (a JSON
 value; a bare word is taken as a string), e.g. a candidate SegAI:
 ``--set ckpt_path=eval/train_segai_hn/model.pt --set network_def#norm=batch --set network_def#act=relu``.
@@ -67,10 +75,30 @@ def _cache_case(pipe, pre, img: Path, lab: Path, spacing: float, loosest: float,
     rec = {"shape": y.shape, "truth": np.flatnonzero(y), "breast": np.packbits(b), "pidx": np.flatnonzero(prob >= 0.05),
            "hole": hole, "rp": np.asarray(ref["prob"], np.float32).ravel()[hole].astype(np.float16)}
     rec["pval"] = prob.ravel()[rec["pidx"]].astype(np.float16)
+    _write(rec, out)
+
+
+def _write(rec: dict, out: Path) -> None:
     tmp = out.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
         pickle.dump(rec, fh)
     tmp.replace(out)
+
+
+def _add_contrast(pre, img: Path, lab: Path, rec: dict, out: Path) -> dict:
+    """Add the local contrast-to-noise at the truth pixels and the tissue's percentiles to ``rec``."""
+    from bundle.image_metrics import local_contrast_to_noise
+
+    d = pre({"image": str(img), "label": str(lab)})
+    cnr = local_contrast_to_noise(np.asarray(d["image"][0], np.float32))
+    n = int(np.prod(rec["shape"]))
+    breast = np.unpackbits(rec["breast"])[:n].astype(bool)
+    truth = _dense(rec, rec["truth"])
+    away = ~ndimage.binary_dilation(truth, S8, iterations=5).ravel()
+    rec["cnr_truth"] = cnr.ravel()[rec["truth"]].astype(np.float16)
+    rec["cnr_tissue"] = np.percentile(cnr.ravel()[breast & away], [99.9, 99.99]).astype(np.float32)
+    _write(rec, out)
+    return rec
 
 
 def _dense(rec: dict, idx: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
@@ -120,6 +148,9 @@ def main() -> int:
                     help="also score marks grown into the hole pixels with refined map >= each value")
     ap.add_argument("--grow-segai", nargs="+", type=float, default=[],
                     help="also score marks grown into the pixels with SegAI probability >= each value")
+    ap.add_argument("--stages", action="store_true", help="print where the missed MCs are lost, per setting")
+    ap.add_argument("--contrast", action="store_true",
+                    help="print the local contrast-to-noise of found and missed MCs and of the tissue")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                     help="override an entry of configs/inference.json (repeatable)")
     args = ap.parse_args()
@@ -145,6 +176,7 @@ def main() -> int:
     from bundle.clusters import drop_large_marks, grow_marks
     from bundle.data import BreastMaskd, LoadMammogramd, NormalizeMammogramd, OrientBreastd, ResampleToSpacingd
     from bundle.falsealarm import FalseAlarmControl
+    from bundle.image_metrics import LOSS_STAGES, loss_stages
     from bundle.refine_maps import _dilate_disk
 
     with contextlib.chdir(ROOT):
@@ -180,8 +212,13 @@ def main() -> int:
         if not f.exists():
             _cache_case(pipe, pre, img, lab, spacing, loosest, loose_cand, f)
     agg: dict = {}
-    for folder, img, _ in tqdm(cases, desc="scoring", unit="case"):
-        rec = pickle.load(open(args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}{ctag}{tag}.pkl", "rb"))
+    stages: dict = {}
+    contrast: dict = {}
+    for folder, img, lab in tqdm(cases, desc="scoring", unit="case"):
+        f = args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}{ctag}{tag}.pkl"
+        rec = pickle.load(open(f, "rb"))
+        if args.contrast and "cnr_truth" not in rec:
+            rec = _add_contrast(pre, img, lab, rec, f)
         n = int(np.prod(rec["shape"]))
         truth = _dense(rec, rec["truth"])
         breast = np.unpackbits(rec["breast"])[:n].astype(bool).reshape(rec["shape"])
@@ -189,6 +226,12 @@ def main() -> int:
         prob = _dense(rec, rec["pidx"], rec["pval"])
         rp_loose = _dense(rec, rec["hole"], rec["rp"])
         grp = "phantom" if "phantom" in folder.name else ("clean" if t[1] == 0 else "inj")
+        obj_cnr = None
+        if args.contrast:
+            ids = np.arange(1, t[1] + 1)
+            cnr = _dense(rec, rec["truth"], rec["cnr_truth"])
+            obj_cnr = ndimage.maximum(cnr, t[0], ids)[t[2]] if t[1] else np.zeros(0)
+            contrast.setdefault("tissue", {}).setdefault(grp, []).append(rec["cnr_tissue"])
         for cand, c in [(k, r) for k in cand_values for r in args.cluster]:
             ctl = FalseAlarmControl(expected_false_marks=hc.expected_false_marks, cluster_false_marks=c,
                                     candidate_threshold=cand, fit_ranks=hc.fit_ranks,
@@ -202,10 +245,24 @@ def main() -> int:
             for gtag, support in variants:
                 pred = core if support is None else grow_marks(core, support)
                 agg.setdefault((cand, c, gtag, "none"), {}).setdefault(grp, []).append(_score(pred, truth, breast, t))
-                for dmax in args.max_diameter:
+                for j, dmax in enumerate(args.max_diameter):
                     kept = drop_large_marks(pred, dmax, spacing)
-                    agg.setdefault((cand, c, gtag, f"{dmax:g} mm"), {}).setdefault(grp, []).append(
-                        _score(kept, truth, breast, t))
+                    key = (cand, c, gtag, f"{dmax:g} mm")
+                    agg.setdefault(key, {}).setdefault(grp, []).append(_score(kept, truth, breast, t))
+                    if j or grp == "clean" or not (args.stages or args.contrast):
+                        continue
+                    if args.stages:
+                        counts = loss_stages(truth, kept & breast, prob, hole, rp, candidate_threshold=cand,
+                                             refined_threshold=args.refined, spacing_mm=spacing)
+                        tot_ = stages.setdefault(key, {}).setdefault(grp, dict.fromkeys(LOSS_STAGES, 0))
+                        for k_, v_ in counts.items():
+                            tot_[k_] += v_
+                    if obj_cnr is not None and obj_cnr.size:
+                        hit = np.zeros(t[1] + 1, bool)
+                        hit[np.unique(t[0][kept & breast & (t[0] > 0)])] = True
+                        pair = contrast.setdefault(key, {}).setdefault(grp, ([], []))
+                        pair[0].extend(obj_cnr[hit[1:][t[2]]].tolist())
+                        pair[1].extend(obj_cnr[~hit[1:][t[2]]].tolist())
     print(f"{len(cases)} cases; refined >= {args.refined}; working grid {spacing} mm")
     print("candidate | cluster rate | grow | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
           "false marks, pixel sens. | phantoms: MCs >= 0.2 mm, pixel sens.")
@@ -222,6 +279,21 @@ def main() -> int:
         if ph:
             line += f" {tot(ph, 'det')}/{tot(ph, 'obj')} = {100 * tot(ph, 'det') / max(tot(ph, 'obj'), 1):.1f} %, {np.mean([x['psens'] for x in ph]):.3f}"
         print(line)
+    if args.stages:
+        print(f"\nwhere the MCs >= 0.2 mm are lost (first max mark; SegAI mask 0.05, refined {args.refined}):")
+        print("candidate | cluster rate | grow | group | " + " | ".join(LOSS_STAGES))
+        for (cand, c, gt, dm), g in sorted(stages.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+            for grp, counts in sorted(g.items()):
+                print(f"{cand:9g} | {c:12g} | {gt:5s} | {grp:7s} | " + " | ".join(str(counts[k]) for k in LOSS_STAGES))
+    if args.contrast:
+        print("\nlocal contrast-to-noise of the MCs >= 0.2 mm (median [5th-95th percentile]); tissue away from MCs:")
+        for grp, q in sorted(contrast.get("tissue", {}).items()):
+            q = np.asarray(q)
+            print(f"  {grp}: tissue 99.9th percentile {np.median(q[:, 0]):.2f}, 99.99th {np.median(q[:, 1]):.2f} (median over views)")
+        fmt = lambda v: f"{np.median(v):.2f} [{np.percentile(v, 5):.2f}-{np.percentile(v, 95):.2f}]" if len(v) else "-"  # noqa: E731
+        for key, g in sorted((k, v) for k, v in contrast.items() if k != "tissue"):
+            for grp, (fd, ms) in sorted(g.items()):
+                print(f"  {key[0]:g} | {key[1]:g} | {key[2]} | {grp}: found {len(fd)}: {fmt(fd)}; missed {len(ms)}: {fmt(ms)}")
     return 0
 
 
