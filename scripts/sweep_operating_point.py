@@ -30,7 +30,8 @@ does the same into SegAI's own map (``segai_grow_threshold``; rows "s<value>").
 
 ``--stages`` adds, per setting (its first ``--max-diameter``), where the missed MCs >= 0.2 mm are
 lost (:func:`bundle.image_metrics.loss_stages`: SegAI's mask, the candidate threshold, the hole
-control, the refined threshold, the size limit). ``--contrast`` adds the local contrast-to-noise
+control, the refined threshold, the size limit) and how many of the hole's marks that touch no MC the
+refinement keeps (its false-positive filter, MC-free views included). ``--contrast`` adds the local contrast-to-noise
 (:func:`bundle.image_metrics.local_contrast_to_noise`) of the found and the missed MCs, and the
 99.9th / 99.99th percentile of the same map over each view's tissue away from any MC: an MC
 below the tissue's own spots is one that no threshold on contrast can separate (it reads the
@@ -249,14 +250,25 @@ def main() -> int:
                     kept = drop_large_marks(pred, dmax, spacing)
                     key = (cand, c, gtag, f"{dmax:g} mm")
                     agg.setdefault(key, {}).setdefault(grp, []).append(_score(kept, truth, breast, t))
-                    if j or grp == "clean" or not (args.stages or args.contrast):
+                    if j or not (args.stages or args.contrast):
                         continue
                     if args.stages:
-                        counts = loss_stages(truth, kept & breast, prob, hole, rp, candidate_threshold=cand,
-                                             refined_threshold=args.refined, spacing_mm=spacing)
-                        tot_ = stages.setdefault(key, {}).setdefault(grp, dict.fromkeys(LOSS_STAGES, 0))
-                        for k_, v_ in counts.items():
-                            tot_[k_] += v_
+                        tot_ = stages.setdefault(key, {}).setdefault(grp, dict.fromkeys(LOSS_STAGES + ("false", "false_kept"), 0))
+                        if grp != "clean":
+                            counts = loss_stages(truth, kept & breast, prob, hole, rp, candidate_threshold=cand,
+                                                 refined_threshold=args.refined, spacing_mm=spacing)
+                            for k_, v_ in counts.items():
+                                tot_[k_] += v_
+                        # the hole's marks that touch no MC, and how many of them the refinement keeps
+                        hl, nh = ndimage.label(hole & breast, S8)
+                        if nh:
+                            ids_ = np.arange(1, nh + 1)
+                            false_ = ndimage.maximum((t[0] > 0).astype(np.uint8), hl, ids_) == 0
+                            kept_ = ndimage.maximum((kept & breast).astype(np.uint8), hl, ids_) > 0
+                            tot_["false"] += int(false_.sum())
+                            tot_["false_kept"] += int((false_ & kept_).sum())
+                    if grp == "clean":
+                        continue
                     if obj_cnr is not None and obj_cnr.size:
                         hit = np.zeros(t[1] + 1, bool)
                         hit[np.unique(t[0][kept & breast & (t[0] > 0)])] = True
@@ -281,10 +293,11 @@ def main() -> int:
         print(line)
     if args.stages:
         print(f"\nwhere the MCs >= 0.2 mm are lost (first max mark; SegAI mask 0.05, refined {args.refined}):")
-        print("candidate | cluster rate | grow | group | " + " | ".join(LOSS_STAGES))
+        print("candidate | cluster rate | grow | group | " + " | ".join(LOSS_STAGES) + " | hole marks on no MC: kept by the refinement")
         for (cand, c, gt, dm), g in sorted(stages.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
             for grp, counts in sorted(g.items()):
-                print(f"{cand:9g} | {c:12g} | {gt:5s} | {grp:7s} | " + " | ".join(str(counts[k]) for k in LOSS_STAGES))
+                mcs = " | ".join("-" if grp == "clean" else str(counts[k]) for k in LOSS_STAGES)
+                print(f"{cand:9g} | {c:12g} | {gt:5s} | {grp:7s} | {mcs} | {counts['false_kept']}/{counts['false']}")
     if args.contrast:
         print("\nlocal contrast-to-noise of the MCs >= 0.2 mm (median [5th-95th percentile]); tissue away from MCs:")
         for grp, q in sorted(contrast.get("tissue", {}).items()):

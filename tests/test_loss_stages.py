@@ -110,9 +110,10 @@ def test_sweep_stage_table_accounts_for_every_mc(swept):
     assert n_obj > 0
     main = re.search(r"\| (\d+)/(\d+) = [\d.]+ %, [\d.]+\s*$", out, re.M)
     assert main and int(main.group(2)) == n_obj
-    row = re.search(r"^\s*0\.2 \|\s+100 \| -\s+\| phantom \| ([\d |]+)$", out, re.M)
+    row = re.search(r"^\s*0\.2 \|\s+100 \| -\s+\| phantom \| ([\d |]+) \| (\d+)/(\d+)$", out, re.M)
     assert row, out
     counts = [int(v) for v in row.group(1).split("|")]
+    assert int(row.group(2)) <= int(row.group(3))  # false hole marks kept <= false hole marks
     assert len(counts) == len(LOSS_STAGES) and sum(counts) == n_obj
     assert counts[0] == int(main.group(1))  # "found" is the main table's detected MCs
     cnr = re.search(r"phantom: found (\d+): .*; missed (\d+)", out)
