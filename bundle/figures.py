@@ -23,7 +23,7 @@ from bundle.objects import _mask, _np2d
 from bundle.reports import atomic_path, overlay_rgb
 from bundle.study_settings import method_label
 
-__all__ = ["case_panel", "plot_curves", "plot_froc", "sample_figure"]
+__all__ = ["case_panel", "crop_gallery", "plot_curves", "plot_froc", "sample_figure"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,3 +333,52 @@ def _rate_figure(x: Any, y: Any, xlabel: str, ylabel: str, title: str) -> Any:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def crop_gallery(
+    rows: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray | None, str]]],
+    path: str | os.PathLike,
+    title: str = "",
+    per_row: int = 10,
+) -> Path:
+    """Rows of small image crops, each outlined where a mask marks it, written as a PNG.
+
+    Used to put side by side what a model keeps on MC-free tissue and the MCs it finds
+    (``scripts/sweep_operating_point.py --gallery``). Each crop has its own grey window (1st-99.8th
+    percentile), so faint and bright spots are both visible.
+
+    Args:
+        rows: ``{row label: [(crop (h, w), outline mask (h, w) or None, caption), ...]}``.
+        path: output PNG (written atomically).
+        title: figure title.
+        per_row: crops shown per row (the first ones of each list).
+
+    Returns:
+        the written path.
+    """
+    if not rows:
+        raise ValueError("crop_gallery: no rows")
+    n_cols = max(1, min(per_row, max(len(v) for v in rows.values())))
+    fig = _figure((1.3 * n_cols + 1.2, 1.5 * len(rows) + 0.6))
+    if title:
+        fig.suptitle(title, fontsize=9)
+    for i, (label, crops) in enumerate(rows.items()):
+        for j in range(n_cols):
+            ax = fig.add_subplot(len(rows), n_cols, i * n_cols + j + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7)
+            if j >= len(crops):
+                ax.set_frame_on(False)
+                continue
+            crop, mask, caption = crops[j]
+            crop = np.asarray(crop, np.float32)
+            lo, hi = np.percentile(crop, [1.0, 99.8])
+            ax.imshow(crop, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1e-6, interpolation="nearest")
+            if mask is not None and np.any(mask):
+                ax.contour(np.asarray(mask, np.float32), levels=[0.5], colors="red", linewidths=0.6)
+            ax.set_title(caption, fontsize=6)
+    fig.tight_layout()
+    _save_figure(fig, path, dpi=110)
+    return Path(path)

@@ -32,11 +32,24 @@ from bundle.detection_curves import (
     interpolate_tpr,
     pool_detection_curves,
 )
-from bundle.image_metrics import aggregate, cluster_stats, object_iou, object_stats, pixel_stats, truth_clusters
+from bundle.image_metrics import (
+    LOSS_STAGES,
+    aggregate,
+    cluster_stats,
+    local_contrast_to_noise,
+    loss_stages,
+    object_iou,
+    object_stats,
+    pixel_stats,
+    truth_clusters,
+)
 from bundle.metric_handlers import DEFAULT_METRIC_NAMES, OBJECT_COLUMNS, ActivationRate, MCMetricsHandler
 from bundle.mlflow_artifacts import MLflowArtifactsHandler, resolve_tracking_uri
 
 __all__ = [
+    "LOSS_STAGES",
+    "local_contrast_to_noise",
+    "loss_stages",
     "DEFAULT_METRIC_NAMES",
     "OBJECT_COLUMNS",
     "pixel_stats",

@@ -35,7 +35,8 @@ refinement keeps (its false-positive filter, MC-free views included). ``--contra
 (:func:`bundle.image_metrics.local_contrast_to_noise`) of the found and the missed MCs, and the
 99.9th / 99.99th percentile of the same map over each view's tissue away from any MC: an MC
 below the tissue's own spots is one that no threshold on contrast can separate (it reads the
-images again once and adds the values to the cache).
+images again once and adds the values to the cache). ``--gallery PNG`` draws, for the first
+setting, 2.3 mm crops of the false marks kept on the MC-free views beside injected MCs found.
 
 ``--set`` overrides entries of ``configs/inference.json`` before the pipeline is built (a JSON
 value; a bare word is taken as a string), e.g. a candidate SegAI:
@@ -102,6 +103,26 @@ def _add_contrast(pre, img: Path, lab: Path, rec: dict, out: Path) -> dict:
     return rec
 
 
+def _crops(pre, img: Path, lab: Path, marks: np.ndarray, truth_labels: np.ndarray, rp: np.ndarray,
+           prob: np.ndarray, false_only: bool, half: int = 16) -> list:
+    """33 x 33 crops of the image around each mark (false marks, or marks on an MC), with captions."""
+    d = pre({"image": str(img), "label": str(lab)})
+    x = np.asarray(d["image"][0], np.float32)
+    ml, nm = ndimage.label(marks, S8)
+    out = []
+    for i, sl in enumerate(ndimage.find_objects(ml)[:200]):
+        comp = ml[sl] == i + 1
+        if bool((truth_labels[sl][comp] > 0).any()) == false_only:
+            continue
+        r, c = (int((s_.start + s_.stop) // 2) for s_ in sl)
+        r0, c0 = max(r - half, 0), max(c - half, 0)
+        win = (slice(r0, r0 + 2 * half + 1), slice(c0, c0 + 2 * half + 1))
+        view = img.name.split(".")[0].replace("cbis_sfm-", "").replace("_clean", "")
+        cap = f"{view}\nr{rp[sl][comp].max():.2f} s{prob[sl][comp].max():.2f}"
+        out.append((x[win], ml[win] == i + 1, cap))
+    return out
+
+
 def _dense(rec: dict, idx: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
     a = np.zeros(int(np.prod(rec["shape"])), np.float32 if values is not None else bool)
     a[idx] = True if values is None else values.astype(np.float32)
@@ -152,6 +173,8 @@ def main() -> int:
     ap.add_argument("--stages", action="store_true", help="print where the missed MCs are lost, per setting")
     ap.add_argument("--contrast", action="store_true",
                     help="print the local contrast-to-noise of found and missed MCs and of the tissue")
+    ap.add_argument("--gallery", type=Path, default=None, metavar="PNG",
+                    help="write crops of the false marks kept on the MC-free views and of found injected MCs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                     help="override an entry of configs/inference.json (repeatable)")
     args = ap.parse_args()
@@ -214,6 +237,8 @@ def main() -> int:
             _cache_case(pipe, pre, img, lab, spacing, loosest, loose_cand, f)
     agg: dict = {}
     stages: dict = {}
+    gallery: dict = {"clean": [], "inj": []}
+    first_key = (cand_values[0], args.cluster[0], "-", f"{args.max_diameter[0]:g} mm")
     contrast: dict = {}
     for folder, img, lab in tqdm(cases, desc="scoring", unit="case"):
         f = args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}{ctag}{tag}.pkl"
@@ -250,7 +275,7 @@ def main() -> int:
                     kept = drop_large_marks(pred, dmax, spacing)
                     key = (cand, c, gtag, f"{dmax:g} mm")
                     agg.setdefault(key, {}).setdefault(grp, []).append(_score(kept, truth, breast, t))
-                    if j or not (args.stages or args.contrast):
+                    if j or not (args.stages or args.contrast or args.gallery):
                         continue
                     if args.stages:
                         tot_ = stages.setdefault(key, {}).setdefault(grp, dict.fromkeys(LOSS_STAGES + ("false", "false_kept"), 0))
@@ -267,14 +292,24 @@ def main() -> int:
                             kept_ = ndimage.maximum((kept & breast).astype(np.uint8), hl, ids_) > 0
                             tot_["false"] += int(false_.sum())
                             tot_["false_kept"] += int((false_ & kept_).sum())
+                            peaks = ndimage.maximum(rp, hl, ids_)
+                            tot_.setdefault("peak_false", []).extend(peaks[false_].tolist())
+                            tot_.setdefault("peak_mc", []).extend(peaks[~false_].tolist())
+                    if args.gallery and key == first_key and (grp == "clean" or (grp == "inj" and len(gallery[grp]) < 10 and "inj0" in img.name)):
+                        crops = _crops(pre, img, lab, kept & breast, t[0], rp, prob, grp == "clean")
+                        gallery[grp].extend(crops if grp == "clean" else crops[:2])
                     if grp == "clean":
                         continue
                     if obj_cnr is not None and obj_cnr.size:
                         hit = np.zeros(t[1] + 1, bool)
                         hit[np.unique(t[0][kept & breast & (t[0] > 0)])] = True
-                        pair = contrast.setdefault(key, {}).setdefault(grp, ([], []))
-                        pair[0].extend(obj_cnr[hit[1:][t[2]]].tolist())
-                        pair[1].extend(obj_cnr[~hit[1:][t[2]]].tolist())
+                        missed = ~hit[1:][t[2]]
+                        pair = contrast.setdefault(key, {}).setdefault(grp, ([], [], [], []))
+                        pair[0].extend(obj_cnr[~missed].tolist())
+                        pair[1].extend(obj_cnr[missed].tolist())
+                        pair[2].extend((obj_cnr[missed] < rec["cnr_tissue"][1]).tolist())
+                        sizes = np.bincount(t[0].ravel(), minlength=t[1] + 1)[1:][t[2]]
+                        pair[3].extend(sizes[missed].tolist())
     print(f"{len(cases)} cases; refined >= {args.refined}; working grid {spacing} mm")
     print("candidate | cluster rate | grow | max mark | MC-free: false marks, activation | injected: MCs >= 0.2 mm, clusters, "
           "false marks, pixel sens. | phantoms: MCs >= 0.2 mm, pixel sens.")
@@ -298,6 +333,23 @@ def main() -> int:
             for grp, counts in sorted(g.items()):
                 mcs = " | ".join("-" if grp == "clean" else str(counts[k]) for k in LOSS_STAGES)
                 print(f"{cand:9g} | {c:12g} | {gt:5s} | {grp:7s} | {mcs} | {counts['false_kept']}/{counts['false']}")
+        print("median refined peak of the hole's marks on no MC / on an MC:")
+        for (cand, c, gt, dm), g in sorted(stages.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+            for grp, counts in sorted(g.items()):
+                med = lambda v: f"{np.median(v):.3f} ({len(v)})" if len(v) else "-"  # noqa: E731
+                print(f"  {cand:g} | {c:g} | {gt} | {grp}: {med(counts.get('peak_false', []))} / {med(counts.get('peak_mc', []))}")
+    if args.gallery:
+        from bundle.figures import crop_gallery
+
+        seen: dict = {}
+        rank = [seen.setdefault(c[2].split("\n")[0], []).append(0) or len(seen[c[2].split("\n")[0]]) for c in gallery["clean"]]
+        mixed = [c for _, _, c in sorted(zip(rank, range(len(rank)), gallery["clean"]), key=lambda z: (z[0], z[1]))]
+        rows = {"MC-free views:\nfalse marks kept": mixed[:10],
+                "injected MCs found": gallery["inj"][:10]}
+        crop_gallery(rows, args.gallery, per_row=10, title=(
+            f"candidates {first_key[0]:g}, cluster rate {first_key[1]:g}, refined >= {args.refined:g}: "
+            "2.3 mm crops on the working grid, red = the refined mark; r = refined peak, s = SegAI peak"))
+        print(f"\nwrote {args.gallery}")
     if args.contrast:
         print("\nlocal contrast-to-noise of the MCs >= 0.2 mm (median [5th-95th percentile]); tissue away from MCs:")
         for grp, q in sorted(contrast.get("tissue", {}).items()):
@@ -305,8 +357,9 @@ def main() -> int:
             print(f"  {grp}: tissue 99.9th percentile {np.median(q[:, 0]):.2f}, 99.99th {np.median(q[:, 1]):.2f} (median over views)")
         fmt = lambda v: f"{np.median(v):.2f} [{np.percentile(v, 5):.2f}-{np.percentile(v, 95):.2f}]" if len(v) else "-"  # noqa: E731
         for key, g in sorted((k, v) for k, v in contrast.items() if k != "tissue"):
-            for grp, (fd, ms) in sorted(g.items()):
-                print(f"  {key[0]:g} | {key[1]:g} | {key[2]} | {grp}: found {len(fd)}: {fmt(fd)}; missed {len(ms)}: {fmt(ms)}")
+            for grp, (fd, ms, below, sizes) in sorted(g.items()):
+                extra = f"; {sum(below)} of them below their view's tissue 99.99th percentile, sizes {min(sizes)}-{max(sizes)} px (median {np.median(sizes):g})" if ms else ""
+                print(f"  {key[0]:g} | {key[1]:g} | {key[2]} | {grp}: found {len(fd)}: {fmt(fd)}; missed {len(ms)}: {fmt(ms)}{extra}")
     return 0
 
 

@@ -122,3 +122,21 @@ def test_sweep_stage_table_accounts_for_every_mc(swept):
     # the contrast values went into the cache, so a rerun only scores
     recs = [pickle.load(open(f, "rb")) for f in sorted((d / "cache").glob("*.pkl"))]
     assert len(recs) == 2 and all(r["cnr_truth"].shape == r["truth"].shape for r in recs)
+
+
+def test_crop_gallery_draws_rows_of_outlined_crops(tmp_path):
+    from PIL import Image
+
+    from bundle.figures import crop_gallery
+
+    rng = np.random.default_rng(0)
+    crop = rng.normal(size=(33, 33)).astype(np.float32)
+    mark = np.zeros((33, 33), bool)
+    mark[15:18, 15:18] = True
+    out = crop_gallery({"false marks": [(crop, mark, "a")] * 3, "MCs": [(crop, None, "b")]}, tmp_path / "g.png")
+    im = np.asarray(Image.open(out).convert("RGB"))
+    assert im.shape[0] > 100 and im.shape[1] > 300
+    # the outline is drawn in red
+    assert ((im[..., 0] > 200) & (im[..., 1] < 80) & (im[..., 2] < 80)).any()
+    with pytest.raises(ValueError, match="no rows"):
+        crop_gallery({}, tmp_path / "h.png")
