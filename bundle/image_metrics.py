@@ -501,8 +501,8 @@ def loss_stages(
     hole control's ``candidate_threshold``), ``hole_control`` (no pixel in the ``hole`` the
     control kept), ``refined`` (the refined probability stays below ``refined_threshold``) and
     ``size_limit`` (refined mask touches it, the final mask does not: its mark was removed as too
-    large). Only the first two stages can be changed without retraining SegAI; the counts show
-    which lever is left.
+    large). An MC lost at ``segai_mask`` needs a different SegAI; the later stages are operating
+    points (candidate threshold, control, refined threshold, size limit) that a sweep can move.
 
     Args:
         truth: (H, W) truth mask.

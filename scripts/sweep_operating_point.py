@@ -48,6 +48,7 @@ each candidate (and each retrained model at the same path) has its own cache.
 from __future__ import annotations
 
 import argparse
+import functools
 import pickle
 import sys
 from pathlib import Path
@@ -87,12 +88,11 @@ def _write(rec: dict, out: Path) -> None:
     tmp.replace(out)
 
 
-def _add_contrast(pre, img: Path, lab: Path, rec: dict, out: Path) -> dict:
-    """Add the local contrast-to-noise at the truth pixels and the tissue's percentiles to ``rec``."""
+def _add_contrast(x: np.ndarray, rec: dict, out: Path) -> dict:
+    """Add the local contrast-to-noise of image ``x`` at the truth pixels and the tissue's percentiles to ``rec``."""
     from bundle.image_metrics import local_contrast_to_noise
 
-    d = pre({"image": str(img), "label": str(lab)})
-    cnr = local_contrast_to_noise(np.asarray(d["image"][0], np.float32))
+    cnr = local_contrast_to_noise(x)
     n = int(np.prod(rec["shape"]))
     breast = np.unpackbits(rec["breast"])[:n].astype(bool)
     truth = _dense(rec, rec["truth"])
@@ -103,11 +103,9 @@ def _add_contrast(pre, img: Path, lab: Path, rec: dict, out: Path) -> dict:
     return rec
 
 
-def _crops(pre, img: Path, lab: Path, marks: np.ndarray, truth_labels: np.ndarray, rp: np.ndarray,
+def _crops(x: np.ndarray, img: Path, marks: np.ndarray, truth_labels: np.ndarray, rp: np.ndarray,
            prob: np.ndarray, false_only: bool, half: int = 16) -> list:
-    """33 x 33 crops of the image around each mark (false marks, or marks on an MC), with captions."""
-    d = pre({"image": str(img), "label": str(lab)})
-    x = np.asarray(d["image"][0], np.float32)
+    """33 x 33 crops of image ``x`` (read from ``img``) around each mark (false marks, or marks on an MC)."""
     ml, nm = ndimage.label(marks, S8)
     out = []
     for i, sl in enumerate(ndimage.find_objects(ml)[:200]):
@@ -243,8 +241,10 @@ def main() -> int:
     for folder, img, lab in tqdm(cases, desc="scoring", unit="case"):
         f = args.cache / f"{folder.name}__{img.name.split('.')[0]}__c{loosest:g}{ctag}{tag}.pkl"
         rec = pickle.load(open(f, "rb"))
+        # the preprocessed image, read at most once per case (only --contrast and --gallery need it)
+        image = functools.cache(lambda img=img, lab=lab: np.asarray(pre({"image": str(img), "label": str(lab)})["image"][0], np.float32))
         if args.contrast and "cnr_truth" not in rec:
-            rec = _add_contrast(pre, img, lab, rec, f)
+            rec = _add_contrast(image(), rec, f)
         n = int(np.prod(rec["shape"]))
         truth = _dense(rec, rec["truth"])
         breast = np.unpackbits(rec["breast"])[:n].astype(bool).reshape(rec["shape"])
@@ -296,7 +296,7 @@ def main() -> int:
                             tot_.setdefault("peak_false", []).extend(peaks[false_].tolist())
                             tot_.setdefault("peak_mc", []).extend(peaks[~false_].tolist())
                     if args.gallery and key == first_key and (grp == "clean" or (grp == "inj" and len(gallery[grp]) < 10 and "inj0" in img.name)):
-                        crops = _crops(pre, img, lab, kept & breast, t[0], rp, prob, grp == "clean")
+                        crops = _crops(image(), img, kept & breast, t[0], rp, prob, grp == "clean")
                         gallery[grp].extend(crops if grp == "clean" else crops[:2])
                     if grp == "clean":
                         continue
