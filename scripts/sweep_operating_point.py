@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import pickle
 import sys
 from pathlib import Path
@@ -341,9 +342,10 @@ def main() -> int:
     if args.gallery:
         from bundle.figures import crop_gallery
 
-        seen: dict = {}
-        rank = [seen.setdefault(c[2].split("\n")[0], []).append(0) or len(seen[c[2].split("\n")[0]]) for c in gallery["clean"]]
-        mixed = [c for _, _, c in sorted(zip(rank, range(len(rank)), gallery["clean"]), key=lambda z: (z[0], z[1]))]
+        by_view: dict = {}  # the false marks of the MC-free views, taken in turn from each view
+        for crop in gallery["clean"]:
+            by_view.setdefault(crop[2].split("\n")[0], []).append(crop)
+        mixed = [crop for turn in itertools.zip_longest(*by_view.values()) for crop in turn if crop is not None]
         rows = {"MC-free views:\nfalse marks kept": mixed[:10],
                 "injected MCs found": gallery["inj"][:10]}
         crop_gallery(rows, args.gallery, per_row=10, title=(
